@@ -1,0 +1,1 @@
+"""Shared parts of the presence pipeline: settings, topics, the local Kafka broker and the CLI."""

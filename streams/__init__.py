@@ -1,0 +1,1 @@
+"""The streams worker: turns per-connection events into user-level presence (Faust agents)."""
