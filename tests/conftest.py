@@ -8,7 +8,6 @@ broker cannot run and say so). Each test gets its own topic names, so tests neve
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,14 +52,15 @@ class Broker:
         return self._local.log_file if self._local else None
 
 
-def _say(message: str) -> None:
-    # Fixture output is captured by pytest; broker start-up can take a while on a cold cache, so show it.
-    sys.__stderr__.write(f"\n[kafka] {message}\n")  # type: ignore[union-attr]
-    sys.__stderr__.flush()  # type: ignore[union-attr]
-
-
 @pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Broker]:
+    # Fixture output is captured; a cold start fetches jars, so say what is happening on the terminal.
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    def _say(message: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"[kafka] {message}")
+
     external = os.environ.get("PRESENCE_TEST_KAFKA")
     if external:
         _say(f"using the broker at {external} (PRESENCE_TEST_KAFKA)")
