@@ -1,0 +1,615 @@
+"""The presence state machine (rules S1-S9 of the behaviour contract, and S10's transition memory).
+
+Pure: no Faust, no Kafka, no clock, no I/O. The glue decodes a RAW event, calls :func:`apply` with the user's
+record from the table and the partition's stream time, writes the returned record back (assigning a new object:
+a Faust table only persists on assignment) and sends what the outputs ask for. Periodic tick messages on a
+co-partitioned topic drive :func:`sweep` for S6 retention and S8 releases.
+
+Every value here is immutable and is replaced, never changed in place. A record's ``sessions`` mapping is a plain
+``dict`` for speed but is treated as frozen: each change builds a new one.
+
+Decisions on cases the contract leaves open:
+
+* **First event of a user.** A user never seen is ``offline`` (S5), so a record created by an online emits
+  ``offline -> online``; one created by an offline emits nothing (the status stays ``offline``, but the record and
+  its STATE are still written: the user is now known); one created by a logout emits ``offline -> logged_out``,
+  because S7 emits whenever the S5 status changes and that is the information a consumer needs.
+* **epoch** is the time of the event that created the record. A user deleted under S6 and seen again starts a new
+  record, hence a new epoch (normally far later), and ``seq`` restarts at 1.
+* **Stream time** inside :func:`apply` is ``max(stream_time, event.time)``: the event being applied belongs to
+  the partition, so stream time has reached it. A held transition whose window that time has passed is released
+  *before* the event is applied, so an online later than ``t + G`` never cancels an expired hold.
+* **S8 while held.** If the user's status moves between ``offline`` and ``logged_out`` while an
+  ``online -> offline`` is held, the held transition is retargeted (new ``to``, ``at`` and cause) but keeps its
+  original release time, so a stream of ends cannot postpone the release forever. An end whose own window has
+  already passed in stream time (e.g. a 5-minute-late offline with a short grace) is emitted at once.
+  While held, the record shows ``online`` (what TRANSITIONS has shown) with the sessions actually online (none).
+* **STATE** is republished after every applied event, every release and every S1 duplicate. The duplicate case
+  serves S10: a redelivery after a crash may be exactly the event whose STATE publish was lost, and republishing
+  an unchanged record to a compacted topic is harmless. Stale events and retention drops publish nothing.
+* **Client IPs.** With ``include_client_ip`` off, IPs are not even stored in the record (nor in its changelog):
+  what is never published need not be kept.
+* **Re-emits (S10).** The record remembers its last ``transition_memory`` transitions with the event (or sweep
+  stream time) that triggered them. An event found duplicate or stale that matches a remembered trigger re-emits
+  those transitions unchanged, so a worker that wrote the table but died before its sends were acknowledged
+  repairs the gap on redelivery. A sweep at a stream time equal to a remembered sweep trigger does the same. This
+  needs the glue to hand a redelivered message the same stream time it had the first time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+EventStatus = Literal["online", "offline", "logout"]
+UserStatus = Literal["online", "offline", "logged_out"]
+Outcome = Literal["applied", "duplicate", "stale"]
+
+SCHEMA_VERSION: Final = 1
+MINUTE_MS: Final = 60_000
+DAY_MS: Final = 24 * 60 * MINUTE_MS
+
+EVENT_STATUS_BY_CODE: Final[Mapping[int, EventStatus]] = {0: "online", 1: "offline", 2: "logout"}
+EVENT_CODE_BY_STATUS: Final[Mapping[EventStatus, int]] = {"online": 0, "offline": 1, "logout": 2}
+# S3: within one session and one millisecond, logout beats offline beats online. The upstream codes happen to
+# rank the same way, so the code doubles as the priority.
+_PRIORITY: Final = EVENT_CODE_BY_STATUS
+_SWEEP_TRIGGER: Final = "sweep"
+
+# A trigger names what caused transitions to be emitted, so a redelivery of it can re-emit them:
+# (session_id, event status, event time) for an event, (None, "sweep", stream time) for a sweep.
+Trigger = tuple[str | None, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceConfig:
+    """Tuning of the state machine; every value is a setting of the worker."""
+
+    ended_session_retention_ms: int = 15 * MINUTE_MS
+    user_retention_ms: int = 30 * DAY_MS
+    offline_grace_ms: int = 0
+    include_client_ip: bool = True
+    transition_memory: int = 8
+
+    def __post_init__(self) -> None:
+        for name in (
+            "ended_session_retention_ms",
+            "user_retention_ms",
+            "offline_grace_ms",
+            "transition_memory",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One upstream connection event for one session, as published on RAW."""
+
+    userid: str
+    session_id: str
+    status: EventStatus
+    time: int
+    os: str | None = None
+    client_ip: str | None = None
+    received_at: int = 0
+    delivery_id: str = ""
+
+    @property
+    def trigger(self) -> Trigger:
+        return (self.session_id, self.status, self.time)
+
+
+def event_from_raw(raw: Mapping[str, Any]) -> Event:
+    """Build an :class:`Event` from a RAW payload (``schemas/raw.v1.schema.json``, already validated)."""
+    return Event(
+        userid=raw["userid"],
+        session_id=raw["sessionId"],
+        status=EVENT_STATUS_BY_CODE[int(raw["status"])],
+        time=int(raw["time"]),
+        os=raw.get("os"),
+        client_ip=raw.get("clientIp"),
+        received_at=int(raw.get("received_at", 0)),
+        delivery_id=raw.get("delivery_id", ""),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """A session as decided by its newest applied event.
+
+    ``since`` is when the session entered its current side (online, or ended): an online newer than another
+    online keeps it, an online re-opening an ended session resets it.
+    """
+
+    status: EventStatus
+    time: int
+    os: str | None
+    client_ip: str | None
+    since: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    session_id: str
+    event: EventStatus
+    os: str | None
+    client_ip: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One TRANSITIONS event (S7) before the glue stamps ``emitted_at``."""
+
+    userid: str
+    from_status: UserStatus
+    to_status: UserStatus
+    at: int
+    cause: Cause
+    platforms: tuple[str, ...]
+    online_sessions: int
+    epoch: int
+    seq: int
+
+    def to_payload(self, include_client_ip: bool = True) -> dict[str, Any]:
+        cause = self.cause
+        return {
+            "schema": SCHEMA_VERSION,
+            "userid": self.userid,
+            "from": self.from_status,
+            "to": self.to_status,
+            "at": self.at,
+            "cause": {
+                "sessionId": cause.session_id,
+                "event": cause.event,
+                "os": cause.os,
+                "clientIp": cause.client_ip if include_client_ip else None,
+            },
+            "platforms": list(self.platforms),
+            "online_sessions": self.online_sessions,
+            "epoch": self.epoch,
+            "seq": self.seq,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HeldTransition:
+    """An ``online -> offline|logged_out`` held by S8 damping.
+
+    Holding only happens with no session online, so the released transition always has no platforms and
+    ``online_sessions == 0``; ``seq`` is assigned at release.
+    """
+
+    to_status: UserStatus
+    at: int
+    cause: Cause
+    release_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Memo:
+    trigger: Trigger
+    transition: Transition
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """Everything the worker keeps for one user (the table value).
+
+    ``status`` is the status shown to consumers (the ``to`` of the last emitted transition); it differs from
+    :func:`computed_status` only while an S8 transition is held. ``last_end_time``/``last_end_logout`` remember
+    the newest end applied to any session, so dropping ended sessions (S6) never changes the S5 status.
+    """
+
+    userid: str
+    sessions: Mapping[str, SessionState]
+    epoch: int
+    seq: int
+    last_seen: int
+    last_end_time: int | None
+    last_end_logout: bool
+    status: UserStatus
+    held: HeldTransition | None
+    memory: tuple[Memo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What the glue must do after :func:`apply`.
+
+    ``transitions`` are in ``seq`` order; ``reemitted`` says some of them were sent before (S10).
+    ``record_changed`` means the table must be written; ``publish_state`` means STATE must be sent.
+    """
+
+    outcome: Outcome
+    transitions: tuple[Transition, ...]
+    record_changed: bool
+    publish_state: bool
+    reemitted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What the glue must do after :func:`sweep`; ``deleted`` means delete the key and send a tombstone."""
+
+    transitions: tuple[Transition, ...]
+    record_changed: bool
+    publish_state: bool
+    deleted: bool
+    reemitted: bool
+
+
+_NO_TRANSITIONS: Final[tuple[Transition, ...]] = ()
+_SWEEP_NOTHING: Final = SweepResult(_NO_TRANSITIONS, False, False, False, False)
+
+
+def _has_online(sessions: Mapping[str, SessionState]) -> bool:
+    for s in sessions.values():
+        if s.status == "online":
+            return True
+    return False
+
+
+def _down_status(last_end_logout: bool) -> UserStatus:
+    return "logged_out" if last_end_logout else "offline"
+
+
+def computed_status(record: UserRecord | None) -> UserStatus:
+    """The S5 status from the sessions alone, ignoring any S8 hold."""
+    if record is None:
+        return "offline"
+    if _has_online(record.sessions):
+        return "online"
+    return _down_status(record.last_end_logout)
+
+
+def platforms_of(sessions: Mapping[str, SessionState]) -> tuple[str, ...]:
+    """Sorted unique ``os`` of the online sessions (sessions without an ``os`` are not counted)."""
+    found = {s.os for s in sessions.values() if s.status == "online" and s.os is not None}
+    return tuple(sorted(found))
+
+
+def _online_count(sessions: Mapping[str, SessionState]) -> int:
+    return sum(1 for s in sessions.values() if s.status == "online")
+
+
+def _remember(
+    memory: tuple[Memo, ...], trigger: Trigger, emitted: list[Transition], size: int
+) -> tuple[Memo, ...]:
+    if size == 0:
+        return ()
+    added = memory + tuple(Memo(trigger, t) for t in emitted)
+    return added[-size:] if len(added) > size else added
+
+
+def _recall(memory: tuple[Memo, ...], trigger: Trigger) -> list[Transition]:
+    return [m.transition for m in memory if m.trigger == trigger]
+
+
+def _release(
+    record_userid: str, from_status: UserStatus, held: HeldTransition, epoch: int, seq: int
+) -> Transition:
+    return Transition(record_userid, from_status, held.to_status, held.at, held.cause, (), 0, epoch, seq)
+
+
+def apply(
+    record: UserRecord | None, event: Event, stream_time: int, config: PresenceConfig
+) -> tuple[UserRecord, ApplyResult]:
+    """Apply one event to a user's record (S1-S5, S7, S8; S10 re-emits).
+
+    ``record`` is ``None`` for a user the table does not know. ``stream_time`` is the partition's stream time
+    (S6); the event's own time is folded in. Returns the new record (the same object when nothing changed) and
+    what to emit.
+    """
+    now = stream_time if stream_time >= event.time else event.time
+    if record is None:
+        # Seed shown status = offline: S5's status for a user never seen.
+        record = UserRecord(event.userid, {}, event.time, 0, event.time, None, False, "offline", None, ())
+
+    emitted: list[Transition] = []
+    seq = record.seq
+    shown = record.status
+    held = record.held
+    if held is not None and now > held.release_after:
+        seq += 1
+        emitted.append(_release(record.userid, shown, held, record.epoch, seq))
+        shown = held.to_status
+        held = None
+
+    sessions = record.sessions
+    old = sessions.get(event.session_id)
+    prio = _PRIORITY[event.status]
+    if old is not None and (
+        event.time < old.time or (event.time == old.time and prio <= _PRIORITY[old.status])
+    ):
+        # S1 / S2 / S3: the session's newest event wins; this one changes nothing.
+        duplicate = event.time == old.time and event.status == old.status
+        reemits = _recall(record.memory, event.trigger)
+        if emitted:
+            record = UserRecord(
+                record.userid,
+                sessions,
+                record.epoch,
+                seq,
+                record.last_seen,
+                record.last_end_time,
+                record.last_end_logout,
+                shown,
+                held,
+                _remember(record.memory, event.trigger, emitted, config.transition_memory),
+            )
+        return record, ApplyResult(
+            "duplicate" if duplicate else "stale",
+            tuple(reemits + emitted),
+            bool(emitted),
+            duplicate or bool(emitted),
+            bool(reemits),
+        )
+
+    online = event.status == "online"
+    os = event.os
+    ip = event.client_ip if config.include_client_ip else None
+    if old is None:
+        # S4: an end for an unseen session creates it ended, so an older online for it is stale later.
+        since = event.time
+    else:
+        if os is None:
+            os = old.os
+        if ip is None:
+            ip = old.client_ip
+        since = old.since if (old.status == "online") == online else event.time
+    new_sessions = dict(sessions)
+    new_sessions[event.session_id] = SessionState(event.status, event.time, os, ip, since)
+
+    last_end_time = record.last_end_time
+    last_end_logout = record.last_end_logout
+    if not online and (
+        last_end_time is None
+        or event.time > last_end_time
+        or (event.time == last_end_time and event.status == "logout")
+    ):
+        last_end_time = event.time
+        last_end_logout = event.status == "logout"
+
+    if online or _has_online(new_sessions):
+        target: UserStatus = "online"
+    else:
+        target = _down_status(last_end_logout)
+
+    cause: Cause | None = None
+    if held is not None:
+        if target == "online":
+            held = None  # S8: back online within the grace window; nothing was shown, nothing is emitted.
+        elif target != held.to_status:
+            cause = Cause(event.session_id, event.status, os, ip)
+            held = HeldTransition(target, event.time, cause, held.release_after)
+    elif target != shown:
+        cause = Cause(event.session_id, event.status, os, ip)
+        grace = config.offline_grace_ms
+        if shown == "online" and grace > 0 and now <= event.time + grace:
+            held = HeldTransition(target, event.time, cause, event.time + grace)
+        else:
+            seq += 1
+            if target == "online":
+                plats = platforms_of(new_sessions)
+                count = _online_count(new_sessions)
+            else:
+                plats = ()
+                count = 0
+            emitted.append(
+                Transition(record.userid, shown, target, event.time, cause, plats, count, record.epoch, seq)
+            )
+            shown = target
+
+    memory = record.memory
+    if emitted:
+        memory = _remember(memory, event.trigger, emitted, config.transition_memory)
+    new_record = UserRecord(
+        record.userid,
+        new_sessions,
+        record.epoch,
+        seq,
+        record.last_seen if record.last_seen >= event.time else event.time,
+        last_end_time,
+        last_end_logout,
+        shown,
+        held,
+        memory,
+    )
+    return new_record, ApplyResult("applied", tuple(emitted), True, True, False)
+
+
+def sweep(
+    record: UserRecord | None, stream_time: int, config: PresenceConfig
+) -> tuple[UserRecord | None, SweepResult]:
+    """Advance a record to ``stream_time`` without an event (S6 retention, S8 release).
+
+    Releases a held transition whose window stream time has passed; drops ended sessions older than
+    ``ended_session_retention_ms`` (status unchanged, nothing emitted, STATE unchanged since STATE lists online
+    sessions only); deletes a user with no session online, nothing held and nothing seen for
+    ``user_retention_ms`` (``record`` becomes ``None``: delete the key and publish a tombstone). Returns the same
+    record object when nothing changed.
+    """
+    if record is None:
+        return None, _SWEEP_NOTHING
+    trigger: Trigger = (None, _SWEEP_TRIGGER, stream_time)
+    reemits = _recall(record.memory, trigger) if record.memory else []
+    emitted: list[Transition] = []
+    seq = record.seq
+    shown = record.status
+    held = record.held
+    memory = record.memory
+    if held is not None and stream_time > held.release_after:
+        seq += 1
+        emitted.append(_release(record.userid, shown, held, record.epoch, seq))
+        shown = held.to_status
+        held = None
+        memory = _remember(memory, trigger, emitted, config.transition_memory)
+
+    sessions = record.sessions
+    cutoff = stream_time - config.ended_session_retention_ms
+    if any(s.status != "online" and s.time < cutoff for s in sessions.values()):
+        sessions = {k: s for k, s in sessions.items() if s.status == "online" or s.time >= cutoff}
+
+    if (
+        held is None
+        and stream_time - record.last_seen > config.user_retention_ms
+        and not _has_online(sessions)
+    ):
+        return None, SweepResult(tuple(reemits + emitted), True, False, True, bool(reemits))
+
+    if sessions is record.sessions and not emitted:
+        if reemits:
+            return record, SweepResult(tuple(reemits), False, True, False, True)
+        return record, _SWEEP_NOTHING
+    new_record = UserRecord(
+        record.userid,
+        sessions,
+        record.epoch,
+        seq,
+        record.last_seen,
+        record.last_end_time,
+        record.last_end_logout,
+        shown,
+        held,
+        memory,
+    )
+    return new_record, SweepResult(
+        tuple(reemits + emitted), True, bool(emitted) or bool(reemits), False, bool(reemits)
+    )
+
+
+def next_sweep_at(record: UserRecord, config: PresenceConfig) -> int | None:
+    """The smallest stream time at which :func:`sweep` would change ``record``, or ``None`` if never.
+
+    Lets the glue index users by due time instead of sweeping every key on every tick.
+    """
+    due: int | None = None
+    if record.held is not None:
+        due = record.held.release_after + 1
+    online = False
+    for s in record.sessions.values():
+        if s.status == "online":
+            online = True
+        else:
+            at = s.time + config.ended_session_retention_ms + 1
+            if due is None or at < due:
+                due = at
+    if not online and record.held is None:
+        at = record.last_seen + config.user_retention_ms + 1
+        if due is None or at < due:
+            due = at
+    return due
+
+
+def state_payload(record: UserRecord, include_client_ip: bool = True) -> dict[str, Any]:
+    """The STATE value (S9), also served by the query API (Q1). Sessions are the online ones, by ``since``."""
+    online = sorted(
+        ((sid, s) for sid, s in record.sessions.items() if s.status == "online"),
+        key=lambda item: (item[1].since, item[0]),
+    )
+    return {
+        "schema": SCHEMA_VERSION,
+        "userid": record.userid,
+        "status": record.status,
+        "sessions": [
+            {
+                "sessionId": sid,
+                "os": s.os,
+                "clientIp": s.client_ip if include_client_ip else None,
+                "since": s.since,
+            }
+            for sid, s in online
+        ],
+        "platforms": list(platforms_of(record.sessions)),
+        "last_seen": record.last_seen,
+        "epoch": record.epoch,
+        "seq": record.seq,
+    }
+
+
+# Table value layout. Lists instead of dicts for the repeated parts keep the changelog small and the
+# encode/decode cheap; bump _RECORD_VERSION on any change and keep a reader for the old one.
+_RECORD_VERSION: Final = 1
+
+
+def _cause_to_list(c: Cause) -> list[Any]:
+    return [c.session_id, c.event, c.os, c.client_ip]
+
+
+def _cause_from_list(v: list[Any]) -> Cause:
+    return Cause(v[0], v[1], v[2], v[3])
+
+
+def record_to_dict(record: UserRecord) -> dict[str, Any]:
+    """JSON-able form of a record for the table (round-trips through :func:`record_from_dict`)."""
+    held = record.held
+    return {
+        "v": _RECORD_VERSION,
+        "userid": record.userid,
+        "sessions": {
+            sid: [_PRIORITY[s.status], s.time, s.os, s.client_ip, s.since]
+            for sid, s in record.sessions.items()
+        },
+        "epoch": record.epoch,
+        "seq": record.seq,
+        "last_seen": record.last_seen,
+        "last_end": None if record.last_end_time is None else [record.last_end_time, record.last_end_logout],
+        "status": record.status,
+        "held": None
+        if held is None
+        else [held.to_status, held.at, _cause_to_list(held.cause), held.release_after],
+        "memory": [
+            [
+                list(m.trigger),
+                m.transition.from_status,
+                m.transition.to_status,
+                m.transition.at,
+                _cause_to_list(m.transition.cause),
+                list(m.transition.platforms),
+                m.transition.online_sessions,
+                m.transition.epoch,
+                m.transition.seq,
+            ]
+            for m in record.memory
+        ],
+    }
+
+
+def record_from_dict(data: Mapping[str, Any]) -> UserRecord:
+    """Inverse of :func:`record_to_dict`."""
+    version = data.get("v")
+    if version != _RECORD_VERSION:
+        raise ValueError(f"unsupported record version {version!r}")
+    userid: str = data["userid"]
+    statuses = EVENT_STATUS_BY_CODE
+    sessions = {
+        sid: SessionState(statuses[v[0]], v[1], v[2], v[3], v[4]) for sid, v in data["sessions"].items()
+    }
+    last_end = data["last_end"]
+    held_v = data["held"]
+    held = (
+        None
+        if held_v is None
+        else HeldTransition(held_v[0], held_v[1], _cause_from_list(held_v[2]), held_v[3])
+    )
+    memory = tuple(
+        Memo(
+            (m[0][0], m[0][1], m[0][2]),
+            Transition(userid, m[1], m[2], m[3], _cause_from_list(m[4]), tuple(m[5]), m[6], m[7], m[8]),
+        )
+        for m in data["memory"]
+    )
+    return UserRecord(
+        userid,
+        sessions,
+        data["epoch"],
+        data["seq"],
+        data["last_seen"],
+        None if last_end is None else last_end[0],
+        False if last_end is None else bool(last_end[1]),
+        data["status"],
+        held,
+        memory,
+    )
