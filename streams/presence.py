@@ -30,10 +30,10 @@ Decisions on cases the contract leaves open:
 * **Client IPs.** With ``include_client_ip`` off, IPs are not even stored in the record (nor in its changelog):
   what is never published need not be kept.
 * **Re-emits (S10).** The record remembers its last ``transition_memory`` transitions with the event (or sweep
-  stream time) that triggered them. An event found duplicate or stale that matches a remembered trigger re-emits
-  those transitions unchanged, so a worker that wrote the table but died before its sends were acknowledged
-  repairs the gap on redelivery. A sweep at a stream time equal to a remembered sweep trigger does the same. This
-  needs the glue to hand a redelivered message the same stream time it had the first time.
+  stream time) that triggered them. An event found duplicate or stale that matches a remembered trigger, delivery
+  id included, re-emits those transitions unchanged, so a worker that wrote the table but died before its sends were acknowledged
+  repairs the gap on redelivery. A redelivered tick (same tick id and stream time) does the same for a release.
+  This needs the glue to hand a redelivered message the same stream time it had the first time.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ _PRIORITY: Final = EVENT_CODE_BY_STATUS
 _SWEEP_TRIGGER: Final = "sweep"
 
 # A trigger names what caused transitions to be emitted, so a redelivery of it can re-emit them:
-# (session_id, event status, event time) for an event, (None, "sweep", stream time) for a sweep.
-Trigger = tuple[str | None, str, int]
+# (session_id, event status, event time, delivery id) for an event, (None, "sweep", stream time, tick id) for a
+# sweep. The delivery id tells a redelivered RAW record (same id: re-emit) from an upstream retry that went
+# through the gateway again (new id: a plain duplicate, nothing to repeat); the tick id does the same for ticks.
+Trigger = tuple[str | None, str, int, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,7 @@ class Event:
 
     @property
     def trigger(self) -> Trigger:
-        return (self.session_id, self.status, self.time)
+        return (self.session_id, self.status, self.time, self.delivery_id)
 
 
 def event_from_raw(raw: Mapping[str, Any]) -> Event:
@@ -347,6 +349,9 @@ def apply(
             bool(reemits),
         )
 
+    # A redelivery can find its session already dropped by S6 and apply again; it must still re-send what it
+    # caused the first time.
+    reemits = _recall(record.memory, event.trigger) if old is None and record.memory else []
     online = event.status == "online"
     os = event.os
     ip = event.client_ip if config.include_client_ip else None
@@ -417,11 +422,11 @@ def apply(
         held,
         memory,
     )
-    return new_record, ApplyResult("applied", tuple(emitted), True, True, False)
+    return new_record, ApplyResult("applied", tuple(reemits + emitted), True, True, bool(reemits))
 
 
 def sweep(
-    record: UserRecord | None, stream_time: int, config: PresenceConfig
+    record: UserRecord | None, stream_time: int, config: PresenceConfig, tick_id: str = ""
 ) -> tuple[UserRecord | None, SweepResult]:
     """Advance a record to ``stream_time`` without an event (S6 retention, S8 release).
 
@@ -430,10 +435,14 @@ def sweep(
     sessions only); deletes a user with no session online, nothing held and nothing seen for
     ``user_retention_ms`` (``record`` becomes ``None``: delete the key and publish a tombstone). Returns the same
     record object when nothing changed.
+
+    ``tick_id`` names the tick message driving the sweep (e.g. its partition and offset): a redelivered tick
+    with the same id and stream time re-emits the release it caused (S10). Left empty, every sweep at the same
+    stream time counts as a redelivery and repeats it (harmless, identical).
     """
     if record is None:
         return None, _SWEEP_NOTHING
-    trigger: Trigger = (None, _SWEEP_TRIGGER, stream_time)
+    trigger: Trigger = (None, _SWEEP_TRIGGER, stream_time, tick_id)
     reemits = _recall(record.memory, trigger) if record.memory else []
     emitted: list[Transition] = []
     seq = record.seq
@@ -452,12 +461,14 @@ def sweep(
     if any(s.status != "online" and s.time < cutoff for s in sessions.values()):
         sessions = {k: s for k, s in sessions.items() if s.status == "online" or s.time >= cutoff}
 
+    # Never delete in the sweep that sends something: the record's memory must outlive the send (S10).
     if (
-        held is None
+        record.held is None
+        and not reemits
         and stream_time - record.last_seen > config.user_retention_ms
         and not _has_online(sessions)
     ):
-        return None, SweepResult(tuple(reemits + emitted), True, False, True, bool(reemits))
+        return None, SweepResult(_NO_TRANSITIONS, True, False, True, False)
 
     if sessions is record.sessions and not emitted:
         if reemits:
@@ -596,7 +607,7 @@ def record_from_dict(data: Mapping[str, Any]) -> UserRecord:
     )
     memory = tuple(
         Memo(
-            (m[0][0], m[0][1], m[0][2]),
+            (m[0][0], m[0][1], m[0][2], m[0][3]),
             Transition(userid, m[1], m[2], m[3], _cause_from_list(m[4]), tuple(m[5]), m[6], m[7], m[8]),
         )
         for m in data["memory"]

@@ -24,7 +24,7 @@ def ev(
     ip: str | None = "10.0.0.1:4000",
     user: str = USER,
 ) -> Event:
-    return Event(user, session, status, time, os, ip, time + 5, f"d-{session}-{status}-{time}")
+    return Event(user, session, status, time, os, ip, time + 5, f"{session}:{status}:{time}")
 
 
 def run(

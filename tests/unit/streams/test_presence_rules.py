@@ -7,6 +7,7 @@ import json
 import pytest
 
 from streams.presence import (
+    Event,
     PresenceConfig,
     UserRecord,
     apply,
@@ -438,13 +439,22 @@ def test_s10_redelivered_event_reemits_release_it_triggered() -> None:
     assert result.transitions == tuple(out[1:])
 
 
-def test_s10_repeated_sweep_reemits_its_release() -> None:
+def test_s10_redelivered_tick_reemits_its_release() -> None:
     record, _ = run([ev("a", "online", T0), ev("a", "offline", T0 + 1000)], DAMPED)
-    released, first = sweep(record, T0 + 40_000, DAMPED)
-    again, second = sweep(released, T0 + 40_000, DAMPED)
-    assert again is released and second.reemitted
+    released, first = sweep(record, T0 + 40_000, DAMPED, "p3:1200")
+    again, second = sweep(released, T0 + 40_000, DAMPED, "p3:1200")
+    assert again is released and second.reemitted and second.publish_state
     assert second.transitions == first.transitions
-    assert sweep(released, T0 + 40_001, DAMPED)[1].transitions == ()
+    assert sweep(released, T0 + 40_000, DAMPED, "p3:1201")[1].transitions == ()
+    assert sweep(released, T0 + 40_001, DAMPED, "p3:1200")[1].transitions == ()
+
+
+def test_s10_upstream_retry_with_new_delivery_id_is_a_plain_duplicate() -> None:
+    record, _ = run([ev("a", "online", T0)])
+    retry = ev("a", "online", T0)
+    retry = Event(retry.userid, "a", "online", T0, "iOS", None, T0 + 9000, "other-request:0")
+    _, result = apply(record, retry, T0, DEFAULT)
+    assert result.outcome == "duplicate" and result.transitions == ()
 
 
 def test_s10_memory_is_bounded() -> None:
