@@ -153,6 +153,18 @@ def up(port: int, data_dir: Path) -> None:
             broker.stop()
 
 
+# --- services -----------------------------------------------------------------------------------------------
+
+
+@main.command("worker")
+def worker() -> None:
+    """Run a streams worker (Faust): per-session table, transitions, state, presence queries."""
+    from streams.config import WorkerSettings
+    from streams.main import run
+
+    run(_load(WorkerSettings))
+
+
 # --- topics -------------------------------------------------------------------------------------------------
 
 

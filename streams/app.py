@@ -1,0 +1,408 @@
+"""The Faust app: topics, the users table, the agent, the query API and the lag monitor.
+
+``create_app(settings)`` builds everything on a fresh ``faust.App``; nothing happens at import time. The agent
+only decodes, calls :class:`streams.processor.Processor` and sends what it returns.
+
+Processing guarantee (S10): at-least-once with identical repeats. Faust flushes the producer (table changelog,
+TRANSITIONS, STATE) before it commits an offset, so a crash re-delivers every message whose outputs may be
+missing. Re-applying such a message either recomputes the same transitions from the same record (same epoch,
+seq and content), or finds the event already applied and re-sends the transitions it caused from the record's
+memory. ``emitted_at`` is the only field that may differ in a repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import orjson
+from aiokafka.partitioner import murmur2
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streams.config import WorkerSettings
+from streams.metrics import WorkerMetrics
+from streams.processor import Outgoing, Processor, state_of
+
+log = logging.getLogger(__name__)
+
+USERS_TABLE = "users"
+STREAM_TIME_TABLE = "stream_time"
+MAX_BATCH = 1000
+_ROUTED_HEADER = "X-Presence-Routed"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2, as the Java clients and aiokafka use)."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "broker": [f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
+    }
+    context = settings.ssl_context()
+    if settings.kafka_security_protocol.startswith("SASL"):
+        assert settings.kafka_sasl_password is not None  # noqa: S101 - enforced by the settings validator
+        options["broker_credentials"] = faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+    elif context is not None:
+        options["broker_credentials"] = faust.SSLCredentials(context)
+    return options
+
+
+@dataclass
+class Worker:
+    """Everything ``create_app`` built, for the CLI and the tests."""
+
+    app: faust.App
+    settings: WorkerSettings
+    metrics: WorkerMetrics
+    processor: Processor
+    ready: bool = False
+    rebalance_started: float | None = None
+    last_processed: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+
+class _KeysByPartition:
+    """Groups the table's local keys by partition, once per assignment (the due index needs them)."""
+
+    def __init__(self, table: Any, partitions: int) -> None:
+        self._table = table
+        self._partitions = partitions
+        self._grouped: dict[int, list[str]] | None = None
+
+    def reset(self) -> None:
+        self._grouped = None
+
+    def __call__(self, partition: int) -> Iterable[str]:
+        if self._grouped is None:
+            grouped: dict[int, list[str]] = defaultdict(list)
+            for key in self._table.keys():
+                grouped[partition_of(key.encode(), self._partitions)].append(key)
+            self._grouped = grouped
+        return self._grouped.pop(partition, [])
+
+
+def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> Worker:
+    """Build the worker's Faust app from settings."""
+    metrics = metrics or WorkerMetrics()
+    rocksdb_options = {
+        "block_cache_size": settings.worker_rocksdb_block_cache_bytes,
+        "block_cache_compressed_size": 0,
+        "write_buffer_size": settings.worker_rocksdb_write_buffer_bytes,
+        "max_write_buffer_number": 2,
+        "max_open_files": settings.worker_rocksdb_max_open_files,
+    }
+    app = faust.App(
+        settings.worker_app_id,
+        **faust_broker_options(settings),
+        store="rocksdb://",
+        datadir=str(settings.worker_data_dir),
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        topic_allow_declare=True,
+        web_enabled=True,
+        web_bind=settings.worker_web_bind,
+        web_port=settings.worker_web_port,
+        canonical_url=settings.canonical_url,
+        broker_session_timeout=settings.worker_session_timeout_seconds,
+        broker_heartbeat_interval=settings.worker_heartbeat_interval_seconds,
+        broker_commit_interval=settings.worker_commit_interval_seconds,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        processing_guarantee="at_least_once",
+        table_standby_replicas=1,
+        # Recovery waits on the changelog; a worker must not flip to processing with a half-restored table.
+        stream_wait_empty=True,
+        autodiscover=False,
+        logging_config=None,
+    )
+
+    source = app.topic(
+        settings.topic_raw,
+        settings.topic_ticks,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=False,
+    )
+    transitions_topic = app.topic(
+        settings.topic_replay_transitions or settings.topic_transitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=False,
+    )
+    state_topic = app.topic(
+        settings.topic_state, key_serializer="raw", value_serializer="raw", internal=False
+    )
+    dlq_topic = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw", internal=False)
+    ticks_topic = app.topic(
+        settings.topic_ticks, key_serializer="raw", value_serializer="raw", internal=False
+    )
+    out_topics = {"transitions": transitions_topic, "state": state_topic, "dlq": dlq_topic}
+
+    users: Any = app.Table(
+        USERS_TABLE, default=None, partitions=settings.topic_partitions, options=rocksdb_options
+    )
+    stream_times: Any = app.Table(
+        STREAM_TIME_TABLE, default=None, partitions=settings.topic_partitions, options=rocksdb_options
+    )
+    # Faust derives table serializers from model types and falls back to JSON, which would quote the keys:
+    # '"u1"' hashes to another partition than 'u1', and query routing would ask the wrong worker. Keys are
+    # the raw userid bytes, as on RAW; records are already encoded by the processor. Set before the store
+    # and the changelog topic are created (both lazily, on first use).
+    users.key_serializer = "raw"
+    users.value_serializer = "raw"
+    stream_times.key_serializer = "raw"
+    keys_by_partition = _KeysByPartition(_StrKeys(users), settings.topic_partitions)
+    processor = Processor(
+        _StrTable(users),
+        _StrTable(stream_times),
+        settings.presence_config(),
+        keys_by_partition,
+        metrics,
+        settings.worker_sweep_batch,
+    )
+    worker = Worker(app, settings, metrics, processor)
+
+    async def send_all(outgoing: list[Outgoing]) -> None:
+        for message in outgoing:
+            await out_topics[message.topic].send(key=message.key, value=message.value)
+
+    @app.agent(source, concurrency=1, name="presence")
+    async def process(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            now = _now_ms()
+            if message.topic == settings.topic_ticks:
+                await send_all(processor.on_tick(message.partition, message.offset, now))
+                continue
+            await send_all(
+                processor.on_raw(message.partition, message.offset, message.key, message.value, now)
+            )
+            worker.last_processed[message.partition] = (message.offset, message.timestamp / 1000)
+            if not worker.ready:
+                _mark_ready(worker)
+
+    signals: Any = app
+
+    @signals.on_partitions_revoked.connect  # type: ignore[untyped-decorator]
+    async def on_revoked(sender: Any, revoked: Iterable[Any], **kwargs: Any) -> None:
+        worker.ready = False
+        worker.rebalance_started = time.monotonic()
+        metrics.ready.set(0)
+        metrics.rebalances.inc()
+
+    @signals.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
+    async def on_assigned(sender: Any, assigned: Iterable[Any], **kwargs: Any) -> None:
+        # The due index and gauges are rebuilt lazily from the (recovered) table for each owned partition.
+        keys_by_partition.reset()
+        processor.forget_all()
+        owned = sorted(tp.partition for tp in assigned if tp.topic == settings.topic_raw)
+        metrics.assigned_partitions.set(len(owned))
+        for partition in list(worker.last_processed):
+            if partition not in owned:
+                del worker.last_processed[partition]
+                metrics.consumer_lag_messages.remove(str(partition))
+                metrics.consumer_lag_seconds.remove(str(partition))
+
+    @signals.timer(settings.worker_tick_interval_seconds)  # type: ignore[untyped-decorator]
+    async def tick_and_measure() -> None:
+        if app.rebalancing or not app.consumer:
+            return
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_raw]
+        if worker.ready is False and signals.tables.recovery.completed.is_set():
+            _mark_ready(worker)
+        if settings.worker_offline_grace_seconds > 0:
+            # Idle partitions still release held offlines (S8): a tick per owned partition drives it.
+            for tp in assigned:
+                await ticks_topic.send(key=None, value=b"tick", partition=tp.partition)
+        _measure_lag(worker, app, assigned)
+
+    _register_views(worker, users)
+    return worker
+
+
+def _mark_ready(worker: Worker) -> None:
+    worker.ready = True
+    worker.metrics.ready.set(1)
+    if worker.rebalance_started is not None:
+        worker.metrics.recovery_seconds.observe(time.monotonic() - worker.rebalance_started)
+        worker.rebalance_started = None
+
+
+def _measure_lag(worker: Worker, app: faust.App, assigned: list[Any]) -> None:
+    now = time.time()
+    for tp in assigned:
+        with contextlib.suppress(Exception):
+            highwater = app.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            processed = worker.last_processed.get(tp.partition)
+            next_offset = processed[0] + 1 if processed else _committed(app, tp)
+            lag = max(0, highwater - next_offset)
+            label = str(tp.partition)
+            worker.metrics.consumer_lag_messages.labels(label).set(lag)
+            # Upper bound of the oldest unprocessed message's age: it was produced after the last processed one.
+            age = now - processed[1] if (processed and lag) else 0.0
+            worker.metrics.consumer_lag_seconds.labels(label).set(max(0.0, age))
+
+
+def _committed(app: Any, tp: Any) -> int:
+    offset = app.consumer._committed_offset.get(tp)
+    return int(offset) + 1 if offset is not None else 0
+
+
+class _StrTable(MutableMapping[str, Any]):
+    """A Faust table seen as a plain ``MutableMapping[str, V]`` (keys stored as UTF-8 bytes)."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._table.get(key.encode(), default)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._table.get(key.encode())
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._table[key.encode()] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._table[key.encode()]
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        value = self._table.get(key.encode())
+        if value is None:
+            return default
+        del self._table[key.encode()]
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.decode() for key in self._table.keys())
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.encode() in self._table
+
+
+class _StrKeys:
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def keys(self) -> Iterator[str]:
+        return (key.decode() if isinstance(key, bytes) else str(key) for key in self._table.keys())
+
+
+def _register_views(worker: Worker, users: Any) -> None:
+    app: Any = worker.app
+    settings = worker.settings
+    token = settings.worker_query_token.get_secret_value() if settings.worker_query_token else None
+    table = _StrTable(users)
+    include_ip = settings.worker_include_client_ip
+
+    def unauthorized(view: View, request: Request) -> Response | None:
+        if token is None:
+            return None
+        if request.headers.get("Authorization", "") == f"Bearer {token}":
+            return None
+        return view.json({"error": "missing or wrong bearer token"}, status=401)
+
+    @app.page("/presence/{userid}")
+    class PresenceView(View):
+        """Q1: a user's current record, as on STATE."""
+
+        @app.table_route(table=users, match_info="userid")  # type: ignore[untyped-decorator]
+        async def get(self, request: Request, userid: str) -> Response:
+            denied = unauthorized(self, request)
+            if denied is not None:
+                return denied
+            record = state_of(table, userid, include_ip)
+            if record is None:
+                return self.json(
+                    {"error": f"no presence record for {userid!r}", "userid": userid}, status=404
+                )
+            return self.json(record)
+
+    @app.page("/presence:batch")
+    class PresenceBatchView(View):
+        """Q2: the records of up to 1,000 users; unknown users are left out."""
+
+        async def post(self, request: Request) -> Response:
+            denied = unauthorized(self, request)
+            if denied is not None:
+                return denied
+            try:
+                body = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                return self.json({"error": 'body must be JSON: {"userids": [...]}'}, status=400)
+            userids = body.get("userids") if isinstance(body, dict) else None
+            if not isinstance(userids, list) or not all(isinstance(u, str) and u for u in userids):
+                return self.json({"error": 'body must be {"userids": [non-empty strings]}'}, status=400)
+            if len(userids) > MAX_BATCH:
+                return self.json({"error": f"at most {MAX_BATCH} user ids per request"}, status=413)
+            records: dict[str, Any] = {}
+            remote: dict[str, list[str]] = defaultdict(list)
+            routed = request.headers.get(_ROUTED_HEADER) is not None
+            for userid in dict.fromkeys(userids):
+                try:
+                    owner = str(app.router.key_store(USERS_TABLE, userid.encode()))
+                except KeyError:
+                    return self.json({"error": "partitions are being reassigned; retry"}, status=503)
+                if routed or owner.rstrip("/") == settings.canonical_url.rstrip("/"):
+                    record = state_of(table, userid, include_ip)
+                    if record is not None:
+                        records[userid] = record
+                else:
+                    remote[owner].append(userid)
+            for owner, ids in remote.items():
+                headers = {_ROUTED_HEADER: "1"}
+                if token is not None:
+                    headers["Authorization"] = f"Bearer {token}"
+                async with app.http_client.post(
+                    f"{owner.rstrip('/')}/presence:batch",
+                    data=orjson.dumps({"userids": ids}),
+                    headers=headers,
+                ) as response:
+                    if response.status != 200:
+                        return self.json({"error": f"owner {owner} answered {response.status}"}, status=502)
+                    records.update((await response.json())["records"])
+            return self.json({"records": records})
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition.
+            content_type = CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4"
+            return self.bytes(generate_latest(worker.metrics.registry), content_type=content_type)
+
+    @app.page("/healthz")
+    class HealthView(View):
+        async def get(self, request: Request) -> Response:
+            return self.json({"status": "alive"})
+
+    @app.page("/readyz")
+    class ReadyView(View):
+        async def get(self, request: Request) -> Response:
+            if worker.ready and not app.rebalancing:
+                return self.json({"status": "ready"})
+            return self.json({"status": "recovering or rebalancing"}, status=503)

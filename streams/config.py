@@ -1,0 +1,92 @@
+"""Worker settings: the Faust app, its state store, the stream rules' timings and the query API.
+
+Read from ``PRESENCE_*`` environment variables like every component (see :class:`CommonSettings` for Kafka,
+topics and logging).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+
+from presence.settings import CommonSettings
+from streams.presence import PresenceConfig
+
+_MINUTE = 60.0
+_DAY = 24 * 3600.0
+
+
+class WorkerSettings(CommonSettings):
+    """Settings of ``presence worker``."""
+
+    worker_app_id: str = Field(
+        default="presence-worker",
+        min_length=1,
+        description="Consumer group and prefix of the table's changelog topics; one per deployment.",
+    )
+    worker_data_dir: Path = Path(".run/worker")
+    worker_web_bind: str = "127.0.0.1"
+    worker_web_port: int = Field(default=6066, ge=1, le=65535)
+    worker_canonical_url: str | None = Field(
+        default=None,
+        description="URL other workers use to reach this one for query routing; default http://bind:port.",
+    )
+    worker_query_token: SecretStr | None = None
+
+    worker_ended_session_retention_seconds: float = Field(default=15 * _MINUTE, ge=0)
+    worker_user_retention_seconds: float = Field(default=30 * _DAY, ge=0)
+    worker_offline_grace_seconds: float = Field(default=0, ge=0)
+    worker_include_client_ip: bool = True
+    worker_transition_memory: int = Field(default=8, ge=1, le=1000)
+    worker_sweep_batch: int = Field(default=1000, ge=1)
+    worker_tick_interval_seconds: float = Field(default=1.0, gt=0)
+
+    worker_session_timeout_seconds: float = Field(default=30, gt=0)
+    worker_heartbeat_interval_seconds: float = Field(default=3, gt=0)
+    worker_commit_interval_seconds: float = Field(default=2.0, gt=0)
+    # RocksDB sizes apply per partition: Faust's defaults (2 GiB block cache each) would let 12 partitions ask
+    # for 24 GiB.
+    worker_rocksdb_block_cache_bytes: int = Field(default=32 * 1024**2, ge=1024**2)
+    worker_rocksdb_write_buffer_bytes: int = Field(default=16 * 1024**2, ge=1024**2)
+    worker_rocksdb_max_open_files: int = Field(default=256, ge=16)
+
+    topic_ticks: str = "presence.worker.ticks"
+    topic_replay_transitions: str | None = Field(
+        default=None,
+        description="Replay mode (S11): where rebuilt transitions go; never the live TRANSITIONS topic.",
+    )
+
+    @model_validator(mode="after")
+    def _timings_are_consistent(self) -> WorkerSettings:
+        if self.worker_heartbeat_interval_seconds >= self.worker_session_timeout_seconds:
+            raise ValueError(
+                "PRESENCE_WORKER_HEARTBEAT_INTERVAL_SECONDS must be below PRESENCE_WORKER_SESSION_TIMEOUT_SECONDS"
+            )
+        if (
+            self.topic_replay_transitions is not None
+            and self.topic_replay_transitions == self.topic_transitions
+        ):
+            raise ValueError(
+                "PRESENCE_TOPIC_REPLAY_TRANSITIONS must not be the live PRESENCE_TOPIC_TRANSITIONS topic (S11)"
+            )
+        return self
+
+    @property
+    def canonical_url(self) -> str:
+        return self.worker_canonical_url or f"http://{self.worker_web_bind}:{self.worker_web_port}"
+
+    def presence_config(self) -> PresenceConfig:
+        return PresenceConfig(
+            ended_session_retention_ms=int(self.worker_ended_session_retention_seconds * 1000),
+            user_retention_ms=int(self.worker_user_retention_seconds * 1000),
+            offline_grace_ms=int(self.worker_offline_grace_seconds * 1000),
+            include_client_ip=self.worker_include_client_ip,
+            transition_memory=self.worker_transition_memory,
+        )
+
+
+@lru_cache
+def get_settings() -> WorkerSettings:
+    return WorkerSettings()

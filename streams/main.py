@@ -1,0 +1,66 @@
+"""``presence worker``: create the topics, build the Faust app and run it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+
+import faust
+
+from presence.topics import TopicSpec, ensure_topics, min_insync_replicas
+from streams.app import STREAM_TIME_TABLE, USERS_TABLE, create_app
+from streams.config import WorkerSettings
+
+
+def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
+    """Topics only the worker uses, beside the product's four (D2)."""
+    rf = settings.topic_replication_factor
+    specs = [
+        # Ticks only drive idle-partition releases (S8); an hour of them is plenty.
+        TopicSpec(
+            settings.topic_ticks,
+            settings.topic_partitions,
+            rf,
+            {"cleanup.policy": "delete", "retention.ms": str(3600 * 1000),
+             "min.insync.replicas": str(min_insync_replicas(rf))},
+        ),
+    ]  # fmt: skip
+    # The tables' changelogs and Faust's leader-election topic, created up front with explicit configs:
+    # Faust would declare them itself, but a worker can then start before their metadata is visible and
+    # crash its agent on a partition-count mismatch.
+    for table in (USERS_TABLE, STREAM_TIME_TABLE):
+        specs.append(
+            TopicSpec(
+                f"{settings.worker_app_id}-{table}-changelog",
+                settings.topic_partitions,
+                rf,
+                {"cleanup.policy": "compact", "min.insync.replicas": str(min_insync_replicas(rf))},
+            )
+        )
+    specs.append(
+        TopicSpec(f"{settings.worker_app_id}-__assignor-__leader", 1, rf, {"cleanup.policy": "compact"})
+    )
+    if settings.topic_replay_transitions:
+        specs.append(
+            TopicSpec(
+                settings.topic_replay_transitions,
+                settings.topic_partitions,
+                rf,
+                {"cleanup.policy": "delete", "retention.ms": str(settings.topic_transitions_retention_ms),
+                 "min.insync.replicas": str(min_insync_replicas(rf))},
+            )
+        )  # fmt: skip
+    return specs
+
+
+def run(settings: WorkerSettings | None = None) -> None:
+    """Run one worker in the foreground."""
+    settings = settings or WorkerSettings()
+    settings.worker_data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
+    worker = create_app(settings)
+    faust.Worker(
+        worker.app,
+        loglevel=settings.log_level.lower().replace("warning", "warn"),
+        quiet=True,
+        redirect_stdouts=False,
+    ).execute_from_commandline()

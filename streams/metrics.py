@@ -1,0 +1,143 @@
+"""Worker metrics (M2), Prometheus conventions: ``presence_worker_`` prefix, base units, closed label sets (M3).
+
+Faust's own sensor reports milliseconds under its own names and has no consumer lag; these are the metrics the
+dashboards and alerts use.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# M3: the os label only takes upstream's five platforms, anything else is "other".
+KNOWN_PLATFORMS = ("iOS", "Android", "Websocket", "PC", "MiniProgram")
+OUTCOMES = ("applied", "duplicate", "stale", "invalid")
+STATUSES = ("online", "offline", "logged_out")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_EVENT_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 3600.0)
+
+
+def platform_label(os: str | None) -> str:
+    return os if os in KNOWN_PLATFORMS else "other"
+
+
+class WorkerMetrics:
+    """All worker metrics, registered in one registry (a fresh one per app, so tests don't collide)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "presence_worker_events_total",
+            "RAW events processed, by outcome (applied, duplicate, stale, invalid).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.events.labels(outcome)
+        self.transitions = Counter(
+            "presence_worker_transitions_total",
+            "User-level transitions emitted to TRANSITIONS, by from/to status (re-sends included).",
+            ["from_status", "to_status"],
+            registry=r,
+        )
+        self.reemitted = Counter(
+            "presence_worker_transitions_resent_total",
+            "Transitions sent again because their cause was redelivered after a crash or rebalance (S10).",
+            registry=r,
+        )
+        self.state_updates = Counter(
+            "presence_worker_state_updates_total",
+            "Records published to the compacted STATE topic (tombstones included).",
+            registry=r,
+        )
+        self.users_deleted = Counter(
+            "presence_worker_users_deleted_total",
+            "Users deleted after the idle retention (S6), each with a STATE tombstone.",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "presence_worker_dead_letters_total",
+            "RAW messages the worker could not use, sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.processing_errors = Counter(
+            "presence_worker_processing_errors_total",
+            "Unexpected errors while processing a message (the agent restarts and the message is retried).",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "presence_worker_rebalances_total",
+            "Consumer group rebalances this worker took part in.",
+            registry=r,
+        )
+        self.recovery_seconds = Histogram(
+            "presence_worker_recovery_seconds",
+            "Time from a rebalance to processing again (table recovery from the changelog included).",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.pipeline_latency = Histogram(
+            "presence_worker_pipeline_latency_seconds",
+            "Gateway receipt of the causing event to the transition being emitted.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.event_time_lag = Histogram(
+            "presence_worker_event_time_lag_seconds",
+            "Processing time minus the event's own time (upstream delay plus pipeline delay).",
+            buckets=_EVENT_LAG_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag_messages = Gauge(
+            "presence_worker_consumer_lag_messages",
+            "Messages in the RAW partition not yet processed by this worker.",
+            ["partition"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "presence_worker_consumer_lag_seconds",
+            "Age of the oldest unprocessed RAW message of the partition (0 when caught up).",
+            ["partition"],
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "presence_worker_assigned_partitions",
+            "RAW partitions this worker owns.",
+            registry=r,
+        )
+        self.online_users = Gauge(
+            "presence_worker_online_users",
+            "Users whose shown status is online, over this worker's partitions.",
+            registry=r,
+        )
+        self.users = Gauge(
+            "presence_worker_users",
+            "Users with a record in this worker's partitions.",
+            registry=r,
+        )
+        self.sessions = Gauge(
+            "presence_worker_sessions",
+            "Sessions tracked (online and recently ended) in this worker's partitions.",
+            registry=r,
+        )
+        self.online_sessions = Gauge(
+            "presence_worker_online_sessions",
+            "Online sessions by platform in this worker's partitions.",
+            ["os"],
+            registry=r,
+        )
+        for platform in (*KNOWN_PLATFORMS, "other"):
+            self.online_sessions.labels(platform)
+        self.stream_time_seconds = Gauge(
+            "presence_worker_stream_time_seconds",
+            "Stream time (largest event time seen) of each owned partition, epoch seconds.",
+            ["partition"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "presence_worker_ready",
+            "1 when the worker has partitions assigned and recovered and is processing, else 0.",
+            registry=r,
+        )

@@ -1,0 +1,354 @@
+"""Between Faust and the pure state machine: decode, apply, write the table, say what to send.
+
+Kept free of Faust so it can be tested with plain dicts: the glue in :mod:`streams.agents` hands it the table (a
+mutable mapping of userid to encoded record), the per-partition stream times and the current wall clock, and
+sends the :class:`Outgoing` messages it returns, in order.
+
+Sweeps (S6 retention, S8 releases) run from the stream: after each message the partition's users whose
+``next_sweep_at`` has been reached by stream time are swept, a bounded number per message. An in-memory index
+(a heap of due times) finds them; it is rebuilt from the table when the partition is (re)assigned, so it is
+safe under rebalance, and it is only a hint: every popped entry is checked against the record itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from streams import presence
+from streams.metrics import WorkerMetrics, platform_label
+from streams.presence import PresenceConfig, Transition, UserRecord
+
+OutTopic = Literal["transitions", "state", "dlq"]
+_MAX_RAW_IN_DLQ = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to send. ``value`` None is a tombstone (STATE only)."""
+
+    topic: OutTopic
+    key: bytes | None
+    value: bytes | None
+
+
+class InvalidRaw(ValueError):
+    """A RAW message the worker cannot use; ``reason`` is a closed-set code for the DLQ and metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def decode_record(value: bytes | None) -> UserRecord | None:
+    if value is None:
+        return None
+    return presence.record_from_dict(orjson.loads(value))
+
+
+def encode_record(record: UserRecord) -> bytes:
+    return orjson.dumps(presence.record_to_dict(record))
+
+
+def parse_raw(key: bytes | None, value: bytes | None) -> presence.Event:
+    """Decode and check a RAW message (``schemas/raw.v1.schema.json``); raise :class:`InvalidRaw` if unusable."""
+    if value is None:
+        raise InvalidRaw("undecodable_raw", "empty value")
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRaw("undecodable_raw", f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRaw("invalid_raw", "not a JSON object")
+    userid = raw.get("userid")
+    session_id = raw.get("sessionId")
+    status = raw.get("status")
+    time = raw.get("time")
+    if not isinstance(userid, str) or not userid:
+        raise InvalidRaw("invalid_raw", "userid missing or not a string")
+    if not isinstance(session_id, str) or not session_id:
+        raise InvalidRaw("invalid_raw", "sessionId missing or not a string")
+    if status not in (0, 1, 2) or isinstance(status, bool):
+        raise InvalidRaw("invalid_raw", f"status {status!r} is not 0, 1 or 2")
+    if not isinstance(time, int) or isinstance(time, bool):
+        raise InvalidRaw("invalid_raw", "time missing or not an integer")
+    for optional in ("os", "clientIp"):
+        if raw.get(optional) is not None and not isinstance(raw[optional], str):
+            raise InvalidRaw("invalid_raw", f"{optional} is not a string")
+    if key is not None and key != userid.encode():
+        # The table lives in the partition of the key; a record filed under another user's partition would
+        # break per-user ordering and query routing.
+        raise InvalidRaw("key_mismatch", "message key differs from userid")
+    return presence.event_from_raw(raw)
+
+
+def dead_letter(reason: str, detail: str, key: bytes | None, value: bytes | None, now_ms: int) -> Outgoing:
+    raw = value or b""
+    payload = {
+        "schema": 1,
+        "source": "worker",
+        "reason": reason,
+        "detail": detail,
+        "raw": raw[:_MAX_RAW_IN_DLQ].decode("utf-8", errors="replace"),
+        "raw_truncated": len(raw) > _MAX_RAW_IN_DLQ,
+        "received_at": now_ms,
+        "delivery_id": None,
+        "index": None,
+    }
+    return Outgoing("dlq", key, orjson.dumps(payload))
+
+
+class Processor:
+    """Applies RAW events and sweeps to a table; one instance per worker, all partitions."""
+
+    def __init__(
+        self,
+        table: MutableMapping[str, Any],
+        stream_times: MutableMapping[str, Any],
+        config: PresenceConfig,
+        keys_of_partition: Callable[[int], Iterable[str]],
+        metrics: WorkerMetrics | None = None,
+        sweep_batch: int = 1000,
+    ) -> None:
+        self._table = table
+        self._stream_times = stream_times
+        self._config = config
+        self._keys_of_partition = keys_of_partition
+        self._metrics = metrics
+        self._sweep_batch = sweep_batch
+        self._due: dict[int, list[tuple[int, str]]] = {}
+        # Wall clock of the last stream-time advance per partition, for the idle-partition S8 release.
+        self._advanced_at: dict[int, int] = {}
+        # Gauges per partition: users, online users, sessions, online sessions by platform.
+        self._counts: dict[int, _Counts] = {}
+
+    # --- messages -------------------------------------------------------------------------------------------
+
+    def on_raw(
+        self, partition: int, offset: int, key: bytes | None, value: bytes | None, now_ms: int
+    ) -> list[Outgoing]:
+        """Process the RAW message at ``offset`` of ``partition``."""
+        source = f"{partition}@{offset}"
+        try:
+            # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
+            # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
+            event = dataclasses.replace(parse_raw(key, value), delivery_id=source)
+        except InvalidRaw as exc:
+            if self._metrics:
+                self._metrics.events.labels("invalid").inc()
+                self._metrics.dead_letters.labels(exc.reason).inc()
+            return [dead_letter(exc.reason, str(exc), key, value, now_ms)]
+        self._ensure_index(partition)
+        stream_time = self.stream_time(partition)
+        if event.time > stream_time:
+            self._stream_times[str(partition)] = event.time
+            self._advanced_at[partition] = now_ms
+            if self._metrics:
+                self._metrics.stream_time_seconds.labels(str(partition)).set(event.time / 1000)
+
+        userid = event.userid
+        old = decode_record(self._table.get(userid))
+        new, result = presence.apply(old, event, stream_time, self._config)
+        if self._metrics:
+            self._metrics.events.labels(result.outcome).inc()
+            self._metrics.event_time_lag.observe(max(0, now_ms - event.time) / 1000)
+        out: list[Outgoing] = []
+        # A duplicate or stale event may be the redelivery of one whose table write never reached the
+        # changelog (the worker died first); writing the record again repairs the changelog (S10).
+        if result.record_changed or result.outcome != "applied":
+            self._write(partition, userid, old, new)
+        self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
+                   event.received_at)  # fmt: skip
+        out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
+        return out
+
+    def on_tick(self, partition: int, offset: int, now_ms: int) -> list[Outgoing]:
+        """A periodic tick for ``partition``: releases S8 holds on a partition with no events for G of wall time.
+
+        Stream time stands still on an idle partition, so a held offline would wait forever; after the grace
+        period of wall time the hold is released as if stream time had moved on (the one non-deterministic
+        edge of the rules). Nothing is written to the stream time itself.
+        """
+        grace = self._config.offline_grace_ms
+        if grace <= 0:
+            return []
+        self._ensure_index(partition)
+        idle = now_ms - self._advanced_at.setdefault(partition, now_ms)
+        if idle < grace:
+            return []
+        return self._sweep_due(
+            partition, self.stream_time(partition) + idle, now_ms, f"{partition}@{offset}", holds_only=True
+        )
+
+    def stream_time(self, partition: int) -> int:
+        return int(self._stream_times.get(str(partition)) or 0)
+
+    # --- rebalance ------------------------------------------------------------------------------------------
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Drop in-memory state of partitions this worker no longer owns (rebuilt on reassignment)."""
+        for partition in partitions:
+            self._due.pop(partition, None)
+            self._advanced_at.pop(partition, None)
+            self._counts.pop(partition, None)
+        self._publish_gauges()
+
+    def forget_all(self) -> None:
+        self.forget(list(self._due))
+
+    def _ensure_index(self, partition: int) -> None:
+        if partition in self._due:
+            return
+        heap: list[tuple[int, str]] = []
+        counts = _Counts()
+        for userid in self._keys_of_partition(partition):
+            record = decode_record(self._table.get(userid))
+            if record is None:
+                continue
+            counts.add(record, 1)
+            due = presence.next_sweep_at(record, self._config)
+            if due is not None:
+                heap.append((due, userid))
+        heapq.heapify(heap)
+        self._due[partition] = heap
+        self._counts[partition] = counts
+        self._publish_gauges()
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _write(self, partition: int, userid: str, old: UserRecord | None, new: UserRecord | None) -> None:
+        counts = self._counts.get(partition)
+        if counts is not None:
+            if old is not None:
+                counts.add(old, -1)
+            if new is not None:
+                counts.add(new, 1)
+        if new is None:
+            self._table.pop(userid, None)
+            return
+        self._table[userid] = encode_record(new)
+        due = presence.next_sweep_at(new, self._config)
+        heap = self._due.get(partition)
+        if due is not None and heap is not None:
+            heapq.heappush(heap, (due, userid))
+
+    def _emit(
+        self,
+        out: list[Outgoing],
+        userid: str,
+        record: UserRecord | None,
+        transitions: tuple[Transition, ...],
+        reemitted: bool,
+        publish_state: bool,
+        now_ms: int,
+        received_at: int | None,
+    ) -> None:
+        key = userid.encode()
+        include_ip = self._config.include_client_ip
+        for transition in transitions:
+            payload = transition.to_payload(include_ip)
+            payload["emitted_at"] = now_ms
+            out.append(Outgoing("transitions", key, orjson.dumps(payload)))
+            if self._metrics:
+                self._metrics.transitions.labels(transition.from_status, transition.to_status).inc()
+                if received_at:
+                    self._metrics.pipeline_latency.observe(max(0, now_ms - received_at) / 1000)
+        if reemitted and self._metrics:
+            self._metrics.reemitted.inc()
+        if publish_state and record is not None:
+            out.append(Outgoing("state", key, orjson.dumps(presence.state_payload(record, include_ip))))
+            if self._metrics:
+                self._metrics.state_updates.inc()
+        if transitions or publish_state:
+            self._publish_gauges()
+
+    def _sweep_due(
+        self, partition: int, stream_time: int, now_ms: int, source: str, holds_only: bool = False
+    ) -> list[Outgoing]:
+        heap = self._due.get(partition)
+        out: list[Outgoing] = []
+        if not heap:
+            return out
+        budget = self._sweep_batch
+        deferred: list[tuple[int, str]] = []
+        while heap and heap[0][0] <= stream_time and budget > 0:
+            _, userid = heapq.heappop(heap)
+            record = decode_record(self._table.get(userid))
+            if record is None:
+                continue
+            due = presence.next_sweep_at(record, self._config)
+            if due is None:
+                continue
+            if holds_only and record.held is None:
+                deferred.append((due, userid))
+                continue
+            if due > stream_time:
+                # The entry was stale (the record moved on since it was indexed): file it at its real time.
+                heapq.heappush(heap, (due, userid))
+                continue
+            budget -= 1
+            new, result = presence.sweep(record, stream_time, self._config, source)
+            if result.deleted:
+                self._write(partition, userid, record, None)
+                out.append(Outgoing("state", userid.encode(), None))
+                if self._metrics:
+                    self._metrics.users_deleted.inc()
+                    self._metrics.state_updates.inc()
+            elif result.record_changed:
+                self._write(partition, userid, record, new)
+            self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
+                       None)  # fmt: skip
+        for entry in deferred:
+            heapq.heappush(heap, entry)
+        return out
+
+    def _publish_gauges(self) -> None:
+        if self._metrics is None:
+            return
+        total = _Counts()
+        for counts in self._counts.values():
+            total.merge(counts)
+        m = self._metrics
+        m.users.set(total.users)
+        m.online_users.set(total.online_users)
+        m.sessions.set(total.sessions)
+        for platform, count in total.online_by_platform.items():
+            m.online_sessions.labels(platform).set(count)
+
+
+class _Counts:
+    __slots__ = ("users", "online_users", "sessions", "online_by_platform")
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.online_users = 0
+        self.sessions = 0
+        self.online_by_platform: dict[str, int] = {}
+
+    def add(self, record: UserRecord, sign: int) -> None:
+        self.users += sign
+        if record.status == "online":
+            self.online_users += sign
+        self.sessions += sign * len(record.sessions)
+        for session in record.sessions.values():
+            if session.status == "online":
+                label = platform_label(session.os)
+                self.online_by_platform[label] = self.online_by_platform.get(label, 0) + sign
+
+    def merge(self, other: _Counts) -> None:
+        self.users += other.users
+        self.online_users += other.online_users
+        self.sessions += other.sessions
+        for label, count in other.online_by_platform.items():
+            self.online_by_platform[label] = self.online_by_platform.get(label, 0) + count
+
+
+def state_of(table: Mapping[str, bytes], userid: str, include_client_ip: bool) -> dict[str, Any] | None:
+    """The user's record as published on STATE (Q1), or None if the table has none."""
+    record = decode_record(table.get(userid))
+    return None if record is None else presence.state_payload(record, include_client_ip)
