@@ -295,10 +295,10 @@ def test_sweeps_only_drop_release_or_delete(
     )
     record = drive(steps, config).record
     now = steps[-1].stream_time
-    for advance in sorted(advances):
+    for i, advance in enumerate(sorted(advances)):
         assert record is not None
         before_status, before_held = computed_status(record), record.held
-        after, result = sweep(record, now + advance, config)
+        after, result = sweep(record, now + advance, config, f"tick{i}")
         if after is None:
             assert result.deleted and before_held is None and before_status != "online"
             assert not result.transitions
