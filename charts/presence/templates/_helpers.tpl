@@ -1,0 +1,223 @@
+{{/* Chart name. */}}
+{{- define "presence.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, truncated to 63 characters (DNS label limit). */}}
+{{- define "presence.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart-version label value. */}}
+{{- define "presence.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Common labels. */}}
+{{- define "presence.labels" -}}
+helm.sh/chart: {{ include "presence.chart" . }}
+{{ include "presence.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: presence
+{{- end }}
+
+{{/* Selector labels (both components). */}}
+{{- define "presence.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "presence.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Per-component names, labels and selector labels. */}}
+{{- define "presence.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "presence.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "presence.streams.fullname" -}}
+{{- printf "%s-streams" (include "presence.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "presence.streams.headless" -}}
+{{- printf "%s-streams-headless" (include "presence.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "presence.gateway.headless" -}}
+{{- printf "%s-gateway-headless" (include "presence.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "presence.gateway.labels" -}}
+{{ include "presence.labels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+{{- define "presence.gateway.selectorLabels" -}}
+{{ include "presence.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+{{- define "presence.streams.labels" -}}
+{{ include "presence.labels" . }}
+app.kubernetes.io/component: streams
+{{- end }}
+{{- define "presence.streams.selectorLabels" -}}
+{{ include "presence.selectorLabels" . }}
+app.kubernetes.io/component: streams
+{{- end }}
+
+{{/* ServiceAccount name. */}}
+{{- define "presence.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "presence.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The product image. */}}
+{{- define "presence.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Name of the chart's own Secret. */}}
+{{- define "presence.secretName" -}}
+{{- include "presence.fullname" . }}
+{{- end }}
+
+{{/* The gateway runs as a StatefulSet when each replica keeps its spool on its own volume (D3). */}}
+{{- define "presence.gateway.kind" -}}
+{{- if and .Values.gateway.spool.enabled .Values.gateway.spool.persistence.enabled }}StatefulSet{{ else }}Deployment{{ end }}
+{{- end }}
+
+{{/* Checks no schema can express; each fails the render with the value to fix. */}}
+{{- define "presence.validate" -}}
+{{- if not .Values.app.key }}
+{{- fail "app.key is required: the RongCloud appKey this release serves" }}
+{{- end }}
+{{- if and (not .Values.app.existingSecret) (lt (len .Values.app.secret) 8) }}
+{{- fail "app.secret (at least 8 characters) or app.existingSecret is required" }}
+{{- end }}
+{{- if and .Values.app.previousSecret (eq .Values.app.previousSecret .Values.app.secret) }}
+{{- fail "app.previousSecret equals app.secret; leave it empty when no rotation is in progress" }}
+{{- end }}
+{{- if not .Values.kafka.bootstrapServers }}
+{{- fail "kafka.bootstrapServers is required (host:port,host:port)" }}
+{{- end }}
+{{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}
+{{- if or (not .Values.kafka.sasl.mechanism) (not .Values.kafka.sasl.username) }}
+{{- fail (printf "kafka.securityProtocol=%s needs kafka.sasl.mechanism and kafka.sasl.username" .Values.kafka.securityProtocol) }}
+{{- end }}
+{{- if and (not .Values.kafka.sasl.password) (not .Values.kafka.sasl.existingSecret) }}
+{{- fail "kafka.sasl.password or kafka.sasl.existingSecret is required with SASL" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.kafka.tls.enabled (not .Values.kafka.tls.existingSecret) }}
+{{- fail "kafka.tls.enabled needs kafka.tls.existingSecret" }}
+{{- end }}
+{{- if and .Values.kafka.tls.enabled (not (has .Values.kafka.securityProtocol (list "SSL" "SASL_SSL"))) }}
+{{- fail "kafka.tls.enabled needs kafka.securityProtocol SSL or SASL_SSL" }}
+{{- end }}
+{{- if gt (int .Values.streams.replicaCount) (int .Values.topics.partitions) }}
+{{- fail (printf "streams.replicaCount (%d) exceeds topics.partitions (%d): the extra workers would own no partition" (int .Values.streams.replicaCount) (int .Values.topics.partitions)) }}
+{{- end }}
+{{- $sd := .Values.gateway.shutdown }}
+{{- $needed := add $sd.preStopSleepSeconds $sd.graceSeconds $sd.drainSeconds 5 }}
+{{- if lt (int .Values.gateway.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must be at least %d: preStopSleep + grace + drain + 5 s, or the spool cannot drain before SIGKILL" (int .Values.gateway.terminationGracePeriodSeconds) (int $needed)) }}
+{{- end }}
+{{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) }}
+{{- fail "gateway.autoscaling.minReplicas exceeds maxReplicas" }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by both components: the ConfigMap, the secrets, the TLS file paths. */}}
+{{- define "presence.commonEnv" -}}
+{{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}
+- name: PRESENCE_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "presence.secretName" .) .Values.kafka.sasl.existingSecret }}
+      key: {{ ternary .Values.kafka.sasl.passwordKey "kafka-sasl-password" (not (empty .Values.kafka.sasl.existingSecret)) }}
+{{- end }}
+{{- if .Values.kafka.tls.enabled }}
+{{- if .Values.kafka.tls.caKey }}
+- name: PRESENCE_KAFKA_SSL_CAFILE
+  value: /etc/presence/kafka-tls/{{ .Values.kafka.tls.caKey }}
+{{- end }}
+{{- if .Values.kafka.tls.certKey }}
+- name: PRESENCE_KAFKA_SSL_CERTFILE
+  value: /etc/presence/kafka-tls/{{ .Values.kafka.tls.certKey }}
+{{- end }}
+{{- if .Values.kafka.tls.keyKey }}
+- name: PRESENCE_KAFKA_SSL_KEYFILE
+  value: /etc/presence/kafka-tls/{{ .Values.kafka.tls.keyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes and mounts shared by both components. */}}
+{{- define "presence.commonVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- if .Values.kafka.tls.enabled }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- define "presence.commonVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.kafka.tls.enabled }}
+- name: kafka-tls
+  mountPath: /etc/presence/kafka-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Pod-level settings shared by both components. */}}
+{{- define "presence.podCommon" -}}
+serviceAccountName: {{ include "presence.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+enableServiceLinks: false
+{{- end }}
+
+{{/* Default soft anti-affinity: spread a component's replicas over nodes. Arg: dict ctx, component. */}}
+{{- define "presence.defaultAffinity" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include (printf "presence.%s.selectorLabels" .component) .ctx | nindent 12 }}
+{{- end }}
+
+{{/* Egress rules both components need: DNS and the Kafka brokers. */}}
+{{- define "presence.egressDnsKafka" -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+- ports:
+    {{- range .Values.networkPolicy.egress.kafkaPorts }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.egress.kafkaPeers }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
