@@ -8,7 +8,7 @@ which never runs behind any event already delivered.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,7 +95,7 @@ def deliveries(draw: st.DrawFn, sweeps: bool = True) -> tuple[list[Event], list[
     for i, e in enumerate(events):
         for n in range(draw(st.integers(1, 3) if draw(st.booleans()) else st.just(1))):
             delay = draw(st.one_of(st.just(0), st.integers(0, MAX_DELAY)))
-            copies.append((e.time + delay, len(copies), replace(e, delivery_id=f"{i}#{n}")))
+            copies.append((e.time + delay, len(copies), e._replace(delivery_id=f"{i}#{n}")))
     copies.sort()
     steps: list[Step] = []
     for arrival, _, e in copies:

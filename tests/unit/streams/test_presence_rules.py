@@ -461,7 +461,7 @@ def test_s10_memory_is_bounded() -> None:
     cfg = PresenceConfig(transition_memory=3)
     events = [ev("s", "online" if i % 2 == 0 else "offline", T0 + i) for i in range(10)]
     record, out = run(events, cfg)
-    assert record is not None and [m.transition for m in record.memory] == out[-3:]
+    assert record is not None and [m.transition(USER) for m in record.memory] == out[-3:]
 
 
 # Table value ------------------------------------------------------------------------------------------------
