@@ -89,8 +89,6 @@ class GatewaySettings(CommonSettings):
                 raise ValueError("PRESENCE_APP_KEY must be set outside dev")
             if len(secret) < 8:
                 raise ValueError("PRESENCE_APP_SECRET must be set (at least 8 characters) outside dev")
-        if previous is not None and previous == "":
-            raise ValueError("PRESENCE_APP_SECRET_PREVIOUS is set but empty; unset it instead")
         if previous is not None and previous == secret:
             raise ValueError("PRESENCE_APP_SECRET_PREVIOUS equals PRESENCE_APP_SECRET")
         if self.gateway_publish_budget_seconds >= 5.0:
@@ -109,8 +107,9 @@ class GatewaySettings(CommonSettings):
         """The app secrets a signature may be made with: the current one, then the previous one if set."""
         current = self.app_secret.get_secret_value()
         values = [current] if current else []
-        if self.app_secret_previous is not None:
-            values.append(self.app_secret_previous.get_secret_value())
+        previous = self.app_secret_previous.get_secret_value() if self.app_secret_previous else ""
+        if previous:  # an empty variable (as templates often render "unset") means no previous secret
+            values.append(previous)
         return tuple(values)
 
 

@@ -57,6 +57,32 @@ class ConsoleFormatter(logging.Formatter):
         return redact(line)
 
 
+class RepeatFilter(logging.Filter):
+    """Let one line through per message template and interval; the rest of a burst is counted, not printed.
+
+    While Kafka is down its client logs every reconnect attempt; one line every interval says the same.
+    """
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (float("-inf"), 0))
+        if now - last < self._interval:
+            self._last[key] = (last, suppressed + 1)
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if suppressed:
+            record.suppressed = suppressed
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger (uvicorn's included) through one handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -71,5 +97,13 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # The access log prints query strings, which carry the signature; the gateway logs requests itself.
     logging.getLogger("uvicorn.access").disabled = True
     # aiokafka's INFO lines are per-connection chatter; the breaker's own log lines say what matters.
+    kafka_logger = logging.getLogger("aiokafka")
     if logging.getLogger().getEffectiveLevel() < logging.WARNING:
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        kafka_logger.setLevel(logging.WARNING)
+    # Filters on a logger do not apply to its children's records, so filter at the handler by name.
+    handler.addFilter(_KafkaRepeats())
+
+
+class _KafkaRepeats(RepeatFilter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("aiokafka") or super().filter(record)
