@@ -120,9 +120,9 @@ class Breaker:
             return 0.0
         return max(0.0, self._opened_at + self._cooldown - self._clock())
 
-    def try_trial(self) -> bool:
-        """True (and half-open) if the cooldown is over and no other trial is running."""
-        if self.state is BreakerState.OPEN and self.seconds_until_trial() <= 0:
+    def try_trial(self, *, force: bool = False) -> bool:
+        """True (and half-open) if the cooldown is over (or ``force``) and no other trial is running."""
+        if self.state is BreakerState.OPEN and (force or self.seconds_until_trial() <= 0):
             self._set(BreakerState.HALF_OPEN)
             return True
         return False
@@ -427,10 +427,12 @@ class Publisher:
         spool = self.spool
         if spool is None or (spool.records == 0 and self._drain_segment is None):
             return 5.0
-        if not self.breaker.closed and not self.breaker.try_trial():
+        if not self.breaker.closed and not self.breaker.try_trial(force=self._stopping):
             return max(0.05, self.breaker.seconds_until_trial())
-        await self._drain_chunk(spool)
-        return 0.0
+        if await self._drain_chunk(spool):
+            return 0.0
+        # Not stopping: the open breaker's cooldown paces the next attempt. Stopping: trials are forced, so pace.
+        return 0.2 if self._stopping else 0.0
 
     async def _drain_chunk(self, spool: Spool) -> bool:
         if self._drain_segment is None:
