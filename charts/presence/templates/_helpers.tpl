@@ -221,3 +221,8 @@ podAntiAffinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+
+{{/* A setting's value as an environment string; whole numbers stay whole (YAML numbers arrive as floats). */}}
+{{- define "presence.settingValue" -}}
+{{- if and (kindIs "float64" .) (eq (float64 .) (floor .)) }}{{ int64 . | toString | quote }}{{ else }}{{ toString . | quote }}{{ end }}
+{{- end }}

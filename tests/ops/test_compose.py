@@ -1,0 +1,107 @@
+"""docker-compose.yml: valid under `docker compose config` where the plugin exists, and always against the Compose
+Specification's JSON schema; its promises (healthchecks, start order, required secrets, provisioning) asserted."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.ops.conftest import tool_file
+
+pytestmark = pytest.mark.ops
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+REQUIRED_SECRETS = {"PRESENCE_APP_KEY", "PRESENCE_APP_SECRET", "GRAFANA_ADMIN_PASSWORD"}
+
+
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return document
+
+
+def schema() -> dict[str, Any]:
+    import json
+
+    loaded: dict[str, Any] = json.loads(tool_file("compose-spec.json").read_text())
+    return loaded
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    errors = sorted(jsonschema.Draft7Validator(schema()).iter_errors(compose()), key=str)
+    assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
+
+
+def test_the_schema_check_rejects_a_bad_compose_file() -> None:
+    bad = compose()
+    bad["services"]["gateway"]["depends_on"]["topics"]["condition"] = "service_ready"
+    assert list(jsonschema.Draft7Validator(schema()).iter_errors(bad))
+
+
+def _has_compose_plugin() -> bool:
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    return subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_compose_plugin(), reason="no docker compose plugin here; validated by the JSON schema")
+def test_docker_compose_config() -> None:
+    env = {**os.environ, **{name: "x" * 12 for name in REQUIRED_SECRETS}}
+    done = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_required_secrets_are_demanded_not_defaulted() -> None:
+    text = COMPOSE.read_text()
+    demanded = set(re.findall(r"\$\{(\w+):\?[^}]+\}", text))
+    assert demanded == REQUIRED_SECRETS
+    for name in REQUIRED_SECRETS:
+        assert f"${{{name}:-" not in text and f"${{{name}}}" not in text
+
+
+def test_services_wait_for_what_they_need() -> None:
+    services = compose()["services"]
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert "KAFKA_PROCESS_ROLES" in services["kafka"]["environment"]
+    assert services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert services["topics"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
+    for name in ("gateway", "worker"):
+        assert services[name]["depends_on"] == {"topics": {"condition": "service_completed_successfully"}}
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    for name in ("kafka", "gateway", "worker", "prometheus", "grafana"):
+        assert services[name]["healthcheck"]["test"], name
+    assert services["gateway"]["command"] == ["gateway"] and services["worker"]["command"] == ["worker"]
+    assert "gateway-spool:/var/lib/presence/spool" in services["gateway"]["volumes"]
+    assert "worker-state:/var/lib/presence/streams" in services["worker"]["volumes"]
+
+
+def test_prometheus_loads_the_alerts_and_scrapes_both_services(promtool: Path) -> None:
+    services = compose()["services"]
+    assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    config = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert targets == {"gateway": ["gateway:8080"], "streams": ["worker:6066"]}
+    done = subprocess.run(
+        [str(promtool), "check", "config", str(ROOT / "prometheus" / "prometheus.yml")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_builds_one_image_with_both_commands() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["presence"]' in dockerfile
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M), "numeric non-root user (runAsNonRoot can check it)"
+    from presence.cli import main
+
+    for command in ("worker", "create-topics"):
+        assert command in main.commands, command
