@@ -69,7 +69,8 @@ def _json(status: int, content: dict[str, Any], headers: dict[str, str] | None =
     return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
 
 
-async def _ensure_topics(settings: GatewaySettings) -> None:
+async def _ensure_topics(settings: GatewaySettings) -> bool:
+    """Create the product's topics (D2); False if Kafka is unreachable (retried before the producer connects)."""
     from presence.topics import TopicError, ensure_topics
 
     try:
@@ -81,9 +82,10 @@ async def _ensure_topics(settings: GatewaySettings) -> None:
         log.warning(
             "could not ensure topics; Kafka unreachable, spooling meanwhile", extra={"error": str(exc)}
         )
-        return
+        return False
     if created:
         log.info("created topics", extra={"topics": created})
+    return True
 
 
 def create_app(
@@ -107,7 +109,14 @@ def create_app(
                 segment_bytes=settings.gateway_spool_segment_bytes,
                 clock_ms=_wall_ms,
             )
-        publisher = Publisher(settings, metrics, producer_factory=factory, spool=spool)
+        prepare = None
+        if settings.gateway_ensure_topics and producer_factory is None and not await _ensure_topics(settings):
+
+            async def prepare() -> None:
+                if not await _ensure_topics(settings):
+                    raise OSError("topics not ensured yet")
+
+        publisher = Publisher(settings, metrics, producer_factory=factory, spool=spool, prepare=prepare)
         window_ms = int(settings.gateway_timestamp_window_seconds * 1000)
         guard = ReplayGuard(
             window_ms=window_ms, max_entries=settings.gateway_replay_cache_max_entries, clock_ms=_wall_ms
@@ -117,8 +126,6 @@ def create_app(
         app.state.gateway = gateway
         if not settings.secrets():
             log.warning("PRESENCE_APP_SECRET is empty: every callback will be refused")
-        if settings.gateway_ensure_topics and producer_factory is None:
-            await _ensure_topics(settings)
         await publisher.start(connect_timeout=settings.gateway_publish_budget_seconds)
         log.info(
             "gateway started",

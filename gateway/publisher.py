@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -176,11 +176,14 @@ class Publisher:
         *,
         producer_factory: ProducerFactory,
         spool: Spool | None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``prepare`` runs before the producer first connects, until it succeeds (e.g. creating topics)."""
         self._settings = settings
         self._metrics = metrics
         self._factory = producer_factory
+        self._prepare = prepare
         self.spool = spool
         self._monotonic = monotonic
         self.breaker = Breaker(
@@ -262,6 +265,13 @@ class Publisher:
         self._wake.set()
 
     async def _connect(self, timeout: float) -> bool:
+        if self._prepare is not None:
+            try:
+                await asyncio.wait_for(self._prepare(), timeout * 3)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                log.warning("kafka not ready for the producer yet", extra={"error": repr(exc)})
+                return False
+            self._prepare = None
         producer = self._factory()
         try:
             await asyncio.wait_for(producer.start(), timeout)

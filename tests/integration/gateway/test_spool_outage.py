@@ -129,3 +129,27 @@ async def test_g7_spool_full_answers_503_and_readyz_fails(
     accepted = (len(statuses) - 1) * 20
     raw = await consume(settings, settings.topic_raw, lambda rs: len(keys(rs)) >= accepted, timeout=60)
     assert len(keys(raw)) == accepted
+
+
+async def test_g7_gateway_started_while_kafka_is_down_creates_topics_and_drains_later(
+    kafka_broker: Any,
+    gateway_settings: Callable[..., GatewaySettings],
+    start_gateway: StartGateway,
+) -> None:
+    if not kafka_broker.restartable:
+        pytest.skip("needs the session's own broker (PRESENCE_TEST_KAFKA is set)")
+    settings = gateway_settings(gateway_publish_budget_seconds=1.0)
+    await asyncio.to_thread(kafka_broker.stop)
+    try:
+        server = start_gateway(settings)
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(f"{server.url}/readyz")).status_code == 200
+            sent, latencies = await post_batches(client, server, "cold", requests=5, per_request=4)
+            assert max(latencies) < 1.0
+    finally:
+        await asyncio.to_thread(kafka_broker.start)
+    spool = server.gateway.publisher.spool
+    assert spool is not None
+    await wait_until(lambda: spool.records == 0, timeout=90, what="spool drained")
+    raw = await consume(settings, settings.topic_raw, lambda rs: keys(rs) >= sent)
+    assert keys(raw) == sent

@@ -153,5 +153,5 @@ def test_g4_fuzz_in_process_no_5xx_nothing_published_unsigned(
             runner.run(lifespan.__aexit__(None, None, None))
     # the run explored both sides of the signature check and the body check
     assert statuses.get(401, 0) > 100
-    assert statuses.get(200, 0) > 100
+    assert statuses.get(200, 0) > 30
     assert statuses.get(400, 0) > 10
