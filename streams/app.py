@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import faust
 import orjson
@@ -156,18 +157,29 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     out_topics = {"transitions": transitions_topic, "state": state_topic, "dlq": dlq_topic}
 
     users: Any = app.Table(
-        USERS_TABLE, default=None, partitions=settings.topic_partitions, options=rocksdb_options
+        USERS_TABLE,
+        default=None,
+        partitions=settings.topic_partitions,
+        key_type=bytes,
+        value_type=bytes,
+        options=rocksdb_options,
     )
     stream_times: Any = app.Table(
-        STREAM_TIME_TABLE, default=None, partitions=settings.topic_partitions, options=rocksdb_options
+        STREAM_TIME_TABLE,
+        default=None,
+        partitions=settings.topic_partitions,
+        key_type=bytes,
+        options=rocksdb_options,
     )
-    # Faust derives table serializers from model types and falls back to JSON, which would quote the keys:
-    # '"u1"' hashes to another partition than 'u1', and query routing would ask the wrong worker. Keys are
-    # the raw userid bytes, as on RAW; records are already encoded by the processor. Set before the store
-    # and the changelog topic are created (both lazily, on first use).
+    # Faust takes table serializers from model types only and falls back to JSON, which would quote the keys:
+    # '"u1"' hashes to another partition than 'u1', and standby/recovery would try to JSON-decode records.
+    # Keys are the raw userid bytes, as on RAW; records are already encoded by the processor. The changelog
+    # topic object was built with the JSON defaults when the table registered itself, so build it again.
     users.key_serializer = "raw"
     users.value_serializer = "raw"
     stream_times.key_serializer = "raw"
+    for table in (users, stream_times):
+        table.changelog_topic = table._new_changelog_topic()
     keys_by_partition = _KeysByPartition(_StrKeys(users), settings.topic_partitions)
     processor = Processor(
         _StrTable(users),
@@ -327,15 +339,47 @@ def _register_views(worker: Worker, users: Any) -> None:
             return None
         return view.json({"error": "missing or wrong bearer token"}, status=401)
 
+    def owner_of(userid: str) -> str | None:
+        """URL of the worker that owns the user's partition, None while the assignment is unknown.
+
+        Computed from Kafka's partitioner and the assignment the group leader shared; Faust's own key routing
+        asks the producer's metadata, which may not know the changelog topic yet and then guesses.
+        """
+        partition = partition_of(userid.encode(), settings.topic_partitions)
+        changelog = f"{settings.worker_app_id}-{USERS_TABLE}-changelog"
+        for url, topics in app.router.table_metadata(USERS_TABLE).items():
+            if partition in topics.get(changelog, ()):
+                return str(url).rstrip("/")
+        return None
+
+    def is_me(url: str) -> bool:
+        return url == settings.canonical_url.rstrip("/")
+
+    def forward_headers() -> dict[str, str]:
+        headers = {_ROUTED_HEADER: "1"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
     @app.page("/presence/{userid}")
     class PresenceView(View):
         """Q1: a user's current record, as on STATE."""
 
-        @app.table_route(table=users, match_info="userid")  # type: ignore[untyped-decorator]
         async def get(self, request: Request, userid: str) -> Response:
             denied = unauthorized(self, request)
             if denied is not None:
                 return denied
+            if request.headers.get(_ROUTED_HEADER) is None:
+                owner = owner_of(userid)
+                if owner is None:
+                    return self.json({"error": "partitions are being reassigned; retry"}, status=503)
+                if not is_me(owner):
+                    async with app.http_client.get(
+                        f"{owner}/presence/{quote(userid, safe='')}", headers=forward_headers()
+                    ) as response:
+                        return self.bytes(
+                            await response.read(), content_type="application/json", status=response.status
+                        )
             record = state_of(table, userid, include_ip)
             if record is None:
                 return self.json(
@@ -364,27 +408,25 @@ def _register_views(worker: Worker, users: Any) -> None:
             remote: dict[str, list[str]] = defaultdict(list)
             routed = request.headers.get(_ROUTED_HEADER) is not None
             for userid in dict.fromkeys(userids):
-                try:
-                    owner = str(app.router.key_store(USERS_TABLE, userid.encode()))
-                except KeyError:
+                owner = None if routed else owner_of(userid)
+                if owner is None and not routed:
                     return self.json({"error": "partitions are being reassigned; retry"}, status=503)
-                if routed or owner.rstrip("/") == settings.canonical_url.rstrip("/"):
+                if owner is None or is_me(owner):
                     record = state_of(table, userid, include_ip)
                     if record is not None:
                         records[userid] = record
                 else:
                     remote[owner].append(userid)
-            for owner, ids in remote.items():
-                headers = {_ROUTED_HEADER: "1"}
-                if token is not None:
-                    headers["Authorization"] = f"Bearer {token}"
+            for owner_url, ids in remote.items():
                 async with app.http_client.post(
-                    f"{owner.rstrip('/')}/presence:batch",
+                    f"{owner_url}/presence:batch",
                     data=orjson.dumps({"userids": ids}),
-                    headers=headers,
+                    headers=forward_headers(),
                 ) as response:
                     if response.status != 200:
-                        return self.json({"error": f"owner {owner} answered {response.status}"}, status=502)
+                        return self.json(
+                            {"error": f"owner {owner_url} answered {response.status}"}, status=502
+                        )
                     records.update((await response.json())["records"])
             return self.json({"records": records})
 

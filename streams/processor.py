@@ -12,7 +12,6 @@ safe under rebalance, and it is only a hint: every popped entry is checked again
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ def encode_record(record: UserRecord) -> bytes:
     return orjson.dumps(presence.record_to_dict(record))
 
 
-def parse_raw(key: bytes | None, value: bytes | None) -> presence.Event:
+def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> presence.Event:
     """Decode and check a RAW message (``schemas/raw.v1.schema.json``); raise :class:`InvalidRaw` if unusable."""
     if value is None:
         raise InvalidRaw("undecodable_raw", "empty value")
@@ -84,7 +83,17 @@ def parse_raw(key: bytes | None, value: bytes | None) -> presence.Event:
         # The table lives in the partition of the key; a record filed under another user's partition would
         # break per-user ordering and query routing.
         raise InvalidRaw("key_mismatch", "message key differs from userid")
-    return presence.event_from_raw(raw)
+    received_at = raw.get("received_at")
+    return presence.Event(
+        userid=userid,
+        session_id=session_id,
+        status=presence.EVENT_STATUS_BY_CODE[status],
+        time=time,
+        os=raw.get("os"),
+        client_ip=raw.get("clientIp"),
+        received_at=received_at if isinstance(received_at, int) else 0,
+        delivery_id=delivery_id,
+    )
 
 
 def dead_letter(reason: str, detail: str, key: bytes | None, value: bytes | None, now_ms: int) -> Outgoing:
@@ -137,7 +146,7 @@ class Processor:
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
-            event = dataclasses.replace(parse_raw(key, value), delivery_id=source)
+            event = parse_raw(key, value, delivery_id=source)
         except InvalidRaw as exc:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()

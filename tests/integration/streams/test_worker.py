@@ -1,0 +1,235 @@
+"""The worker against a real broker: transitions, state, queries, metrics, invalid input (S1-S9, Q1-Q2, M2)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from presence.settings import CommonSettings
+from presence.topics import ensure_topics
+from streams.config import WorkerSettings
+from streams.main import worker_topics
+
+from .harness import (
+    WorkerProcess,
+    check_s10,
+    model_run,
+    produce_raw,
+    raw_event,
+    read_topic,
+    scenario,
+    validator,
+    wait_until,
+    worker_env,
+)
+
+
+@pytest.fixture
+def topics(settings_for: Callable[..., dict[str, Any]], unique: Callable[[str], str]) -> dict[str, Any]:
+    values = settings_for()
+    app_id = unique("worker")
+    settings = WorkerSettings(**values, worker_app_id=app_id)
+    asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
+    return {"values": values, "app_id": app_id, "settings": settings}
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+def _start(workers: list[WorkerProcess], topics: dict[str, Any], tmp_path: Path, name: str) -> WorkerProcess:
+    worker = WorkerProcess(
+        env=worker_env(topics["values"], topics["app_id"]),
+        data_dir=tmp_path / name,
+        log_path=tmp_path / f"{name}.log",
+    )
+    workers.append(worker)
+    worker.start()
+    worker.wait_ready()
+    return worker
+
+
+def _transitions_of(bootstrap: str, topic: str) -> list[bytes]:
+    return [value for _, _, _, value in asyncio.run(read_topic(bootstrap, topic)) if value is not None]
+
+
+def _wait_for_transitions(
+    bootstrap: str, topic: str, expected: dict[str, Any], timeout: float
+) -> dict[str, int]:
+    """Wait until TRANSITIONS holds every expected (userid, epoch, seq), then check it under S10."""
+    wanted = {(p["userid"], p["epoch"], p["seq"]) for ps in expected["transitions"].values() for p in ps}
+
+    def complete() -> bool:
+        seen = {
+            (p["userid"], p["epoch"], p["seq"]) for p in map(orjson.loads, _transitions_of(bootstrap, topic))
+        }
+        return wanted <= seen
+
+    try:
+        wait_until(complete, timeout, f"{len(wanted)} transitions", interval=0.5)
+    finally:
+        # On a time-out this says which transitions are missing or wrong.
+        counts = check_s10(expected["transitions"], _transitions_of(bootstrap, topic))
+    return counts
+
+
+def test_s1_s9_noisy_traffic_gives_the_uninterrupted_model_output(
+    kafka_bootstrap: str, topics: dict[str, Any], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    settings: CommonSettings = topics["settings"]
+    events = scenario(users=40, rounds=4, seed=7, start_ms=int(time.time() * 1000) - 60_000)
+    asyncio.run(produce_raw(kafka_bootstrap, settings.topic_raw, events))
+    raw = asyncio.run(read_topic(kafka_bootstrap, settings.topic_raw))
+    expected = model_run(raw)
+    wanted = sum(len(v) for v in expected["transitions"].values())
+    assert wanted > 100, "the scenario should cause plenty of transitions"
+
+    worker = _start(workers, topics, tmp_path, "w1")
+    wait_until(
+        lambda: len(_transitions_of(kafka_bootstrap, settings.topic_transitions)) >= wanted,
+        90,
+        f"{wanted} transitions",
+        interval=0.5,
+    )
+    actual = _transitions_of(kafka_bootstrap, settings.topic_transitions)
+    counts = check_s10(expected["transitions"], actual)
+    assert counts["repeats"] == 0, "an uninterrupted run repeats nothing"
+
+    transition_schema = validator("transitions.v1.schema.json")
+    for value in actual:
+        transition_schema.validate(orjson.loads(value))
+
+    # S9: the last STATE record of each user equals the model's final record, and validates.
+    state_schema = validator("state.v1.schema.json")
+    final: dict[str, Any] = {}
+    for _, _, key, value in asyncio.run(read_topic(kafka_bootstrap, settings.topic_state)):
+        final[key.decode()] = orjson.loads(value) if value else None
+        if value:
+            state_schema.validate(orjson.loads(value))
+    assert final == expected["state"]
+
+    # Q1/Q2: the query API answers what STATE says.
+    some = sorted(final)[:5]
+    for userid in some:
+        answer = httpx.get(f"{worker.url}/presence/{userid}", timeout=5)
+        assert answer.status_code == 200
+        assert answer.json() == final[userid]
+    missing = httpx.get(f"{worker.url}/presence/nobody-here", timeout=5)
+    assert missing.status_code == 404
+    batch = httpx.post(f"{worker.url}/presence:batch", json={"userids": [*some, "nobody-here"]}, timeout=5)
+    assert batch.status_code == 200
+    assert batch.json()["records"] == {u: final[u] for u in some}
+
+    # M2: outcomes are counted, the lag is measured and reaches zero.
+    assert worker.metric("presence_worker_events_total", 'outcome="applied"') > 0
+    assert worker.metric("presence_worker_events_total", 'outcome="duplicate"') > 0
+    assert worker.metric("presence_worker_transitions_total") == wanted
+    wait_until(
+        lambda: (
+            worker.metric("presence_worker_consumer_lag_messages") == 0
+            and "presence_worker_consumer_lag_messages{" in httpx.get(f"{worker.url}/metrics").text
+        ),
+        30,
+        "consumer lag to be reported as 0",
+    )
+
+
+def test_invalid_raw_goes_to_the_dead_letter_topic_and_processing_goes_on(
+    kafka_bootstrap: str, topics: dict[str, Any], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    settings: CommonSettings = topics["settings"]
+    now = int(time.time() * 1000)
+
+    async def produce() -> None:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.topic_raw, key=b"u-bad", value=b"{not json")
+            await producer.send_and_wait(
+                settings.topic_raw, key=b"u-bad", value=orjson.dumps({"userid": "u-bad", "status": 7})
+            )
+            good = raw_event("u-good", "s1", 0, now)
+            await producer.send_and_wait(settings.topic_raw, key=b"u-good", value=orjson.dumps(good))
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    _start(workers, topics, tmp_path, "w1")
+    transitions = wait_until(
+        lambda: _transitions_of(kafka_bootstrap, settings.topic_transitions),
+        60,
+        "the good event's transition",
+    )
+    assert [orjson.loads(t)["userid"] for t in transitions] == ["u-good"]
+    dead = wait_until(
+        lambda: [v for *_, v in asyncio.run(read_topic(kafka_bootstrap, settings.topic_dlq)) if v], 30, "DLQ"
+    )
+    reasons = sorted(orjson.loads(v)["reason"] for v in dead)
+    assert reasons == ["invalid_raw", "undecodable_raw"]
+    dlq_schema = validator("dlq.v1.schema.json")
+    for value in dead:
+        dlq_schema.validate(orjson.loads(value))
+
+
+def test_s10_two_workers_share_partitions_and_answer_for_each_other(
+    kafka_bootstrap: str, topics: dict[str, Any], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    settings: CommonSettings = topics["settings"]
+    first = _start(workers, topics, tmp_path, "w1")
+    second = _start(workers, topics, tmp_path, "w2")
+    wait_until(
+        lambda: (
+            first.metric("presence_worker_assigned_partitions") > 0
+            and second.metric("presence_worker_assigned_partitions") > 0
+            and first.metric("presence_worker_assigned_partitions")
+            + second.metric("presence_worker_assigned_partitions")
+            == settings.topic_partitions
+        ),
+        60,
+        "both workers to own partitions",
+    )
+    events = scenario(users=30, rounds=2, seed=11, start_ms=int(time.time() * 1000) - 60_000)
+    asyncio.run(produce_raw(kafka_bootstrap, settings.topic_raw, events))
+    raw = asyncio.run(read_topic(kafka_bootstrap, settings.topic_raw))
+    expected = model_run(raw)
+    wanted = sum(len(v) for v in expected["transitions"].values())
+    wait_until(
+        lambda: len(_transitions_of(kafka_bootstrap, settings.topic_transitions)) >= wanted, 90, "transitions"
+    )
+    users = sorted(u for u, s in expected["state"].items() if s is not None)
+    # Q1/Q2 routing: every user is answered by either worker, whichever owns the partition.
+    for worker in (first, second):
+        batch = httpx.post(f"{worker.url}/presence:batch", json={"userids": users}, timeout=10)
+        assert batch.status_code == 200
+        assert batch.json()["records"] == {u: expected["state"][u] for u in users}
+        for userid in users[:8]:
+            single = httpx.get(f"{worker.url}/presence/{userid}", timeout=10)
+            assert single.status_code == 200, single.text
+            assert single.json() == expected["state"][userid]
+
+    # Stopping one moves its partitions to the other; traffic after that is processed without loss.
+    second.stop()
+    wait_until(
+        lambda: first.metric("presence_worker_assigned_partitions") == settings.topic_partitions,
+        60,
+        "the remaining worker to own every partition",
+    )
+    more = scenario(users=30, rounds=1, seed=12, start_ms=int(time.time() * 1000))
+    asyncio.run(produce_raw(kafka_bootstrap, settings.topic_raw, more))
+    raw = asyncio.run(read_topic(kafka_bootstrap, settings.topic_raw))
+    expected = model_run(raw)
+    wanted = sum(len(v) for v in expected["transitions"].values())
+    _wait_for_transitions(kafka_bootstrap, settings.topic_transitions, expected, timeout=90)
