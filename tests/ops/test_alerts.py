@@ -45,7 +45,10 @@ def test_promtool_check_rules(promtool: Path) -> None:
 
 def test_promtool_test_rules(promtool: Path) -> None:
     done = subprocess.run(
-        [str(promtool), "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent, capture_output=True, text=True
+        [str(promtool), "test", "rules", ALERT_TESTS.name],
+        cwd=ALERT_TESTS.parent,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout

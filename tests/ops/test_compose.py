@@ -53,10 +53,14 @@ def _has_compose_plugin() -> bool:
     return subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _has_compose_plugin(), reason="no docker compose plugin here; validated by the JSON schema")
+@pytest.mark.skipif(
+    not _has_compose_plugin(), reason="no docker compose plugin here; validated by the JSON schema"
+)
 def test_docker_compose_config() -> None:
-    env = {**os.environ, **{name: "x" * 12 for name in REQUIRED_SECRETS}}
-    done = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=env, capture_output=True)
+    env = {**os.environ, **dict.fromkeys(REQUIRED_SECRETS, "x" * 12)}
+    done = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=env, capture_output=True
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -92,7 +96,9 @@ def test_prometheus_loads_the_alerts_and_scrapes_both_services(promtool: Path) -
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
     assert targets == {"gateway": ["gateway:8080"], "streams": ["worker:6066"]}
     done = subprocess.run(
-        [str(promtool), "check", "config", str(ROOT / "prometheus" / "prometheus.yml")], capture_output=True, text=True
+        [str(promtool), "check", "config", str(ROOT / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -100,7 +106,9 @@ def test_prometheus_loads_the_alerts_and_scrapes_both_services(promtool: Path) -
 def test_dockerfile_builds_one_image_with_both_commands() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["presence"]' in dockerfile
-    assert re.search(r"^USER 10001:10001$", dockerfile, re.M), "numeric non-root user (runAsNonRoot can check it)"
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M), (
+        "numeric non-root user (runAsNonRoot can check it)"
+    )
     from presence.cli import main
 
     for command in ("worker", "create-topics"):

@@ -66,7 +66,9 @@ def test_panels_use_the_provisioned_datasource_and_rate_interval(name: str) -> N
 
 
 @pytest.mark.parametrize(
-    ("board", "title", "expr"), list(panel_queries()), ids=lambda value: str(value)[:60] if isinstance(value, str) else ""
+    ("board", "title", "expr"),
+    list(panel_queries()),
+    ids=lambda value: str(value)[:60] if isinstance(value, str) else "",
 )
 def test_panel_query_parses_and_uses_exported_metrics(board: str, title: str, expr: str) -> None:
     expanded = expand_grafana(expr)
@@ -77,7 +79,7 @@ def test_panel_query_parses_and_uses_exported_metrics(board: str, title: str, ex
 
 
 def test_the_metric_check_would_catch_a_typo() -> None:
-    assert metric_names('sum(rate(presence_gateway_request_total[1m]))') - exported_names() == {
+    assert metric_names("sum(rate(presence_gateway_request_total[1m]))") - exported_names() == {
         "presence_gateway_request_total"
     }
 
