@@ -178,3 +178,31 @@ async def test_g6_request_latency_with_kafka_healthy(
     )
     assert p99 < 1.0
     await consume(settings, settings.topic_raw, lambda rs: len(rs) >= requests * 3)
+
+
+async def test_g4_oversized_body_over_real_http_is_413_dead_lettered_and_the_connection_recovers(
+    gateway_settings: Callable[..., GatewaySettings], start_gateway: StartGateway
+) -> None:
+    settings = gateway_settings(
+        gateway_max_body_bytes=64 * 1024, gateway_dlq_raw_max_bytes=1024, gateway_max_events=10
+    )
+    server = start_gateway(settings)
+    big = b"[" + b" " * (2 * 1024 * 1024) + b"]"
+    async with httpx.AsyncClient(timeout=10) as client:
+        too_big = await client.post(f"{server.webhook}?{signed_query(nonce='n-big')}", content=big)
+        after = await client.post(
+            f"{server.webhook}?{signed_query(nonce='n-after')}", json=[event("after", "s")]
+        )
+        many = await client.post(
+            f"{server.webhook}?{signed_query(nonce='n-many')}",
+            json=[event("m", "s")] * (settings.gateway_max_events + 1),
+        )
+    assert too_big.status_code == 413
+    assert after.status_code == 200
+    assert many.status_code == 413
+    dlq = await consume(settings, settings.topic_dlq, lambda rs: len(rs) >= 2)
+    reasons = sorted(v["reason"] for _, v, _ in dlq)
+    assert reasons == ["body_too_large", "too_many_events"]
+    assert all(v["raw_truncated"] and len(v["raw"].encode()) <= 1024 for _, v, _ in dlq)
+    raw = await consume(settings, settings.topic_raw, lambda rs: len(rs) >= 1)
+    assert userids(raw) == {"after"}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,6 @@ def signed_url(
     path: str = PATH,
     names: tuple[str, str, str] = ("timestamp", "nonce", "signature"),
 ) -> str:
-    import time
-
     ts = str(timestamp if timestamp is not None else time.time_ns() // 1_000_000)
     sig = compute_signature(secret, nonce, ts)
     t, n, s = names
