@@ -347,7 +347,7 @@ class Publisher:
                     kind = "timeout"
         except TimeoutError:
             kind = "timeout"
-        except (KafkaError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the client raises, the records still go to the spool
             kind = "kafka_error"
             log.warning("kafka refused a publish", extra={"error": repr(exc), "source": source})
 
@@ -361,8 +361,8 @@ class Publisher:
         ]
         if kind is None and unacked:
             kind = "kafka_error"
-            first = next(f for f in futures if f.done() and not f.cancelled() and f.exception() is not None)
-            log.warning("kafka refused a publish", extra={"error": repr(first.exception()), "source": source})
+            errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
+            log.warning("kafka refused a publish", extra={"error": repr(errors[:1]), "source": source})
         if kind is None:
             self._metrics.publish_duration.labels(source).observe(self._monotonic() - started)
             self.breaker.success()
@@ -401,6 +401,9 @@ class Publisher:
                 raise
             except Exception:  # noqa: BLE001 - the drainer must outlive any one bad step
                 log.exception("spool drainer step failed")
+                if self.breaker.state is BreakerState.HALF_OPEN:
+                    # A trial that died must still end, or no further trial would ever be allowed.
+                    self.breaker.failure()
                 delay = 1.0
             if self._stopping:
                 spool_empty = self.spool is None or self.spool.records == 0
@@ -495,7 +498,7 @@ class Publisher:
                 )
                 future.add_done_callback(_consume_exception)
                 futures.append(future)
-        except (TimeoutError, KafkaError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any client failure is a failed attempt, retried later
             self._metrics.publish_failures.labels(
                 "spool", "timeout" if isinstance(exc, TimeoutError) else "kafka_error"
             ).inc()

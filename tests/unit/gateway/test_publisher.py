@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,3 +246,46 @@ async def test_g7_stop_drains_within_grace(tmp_path: Path) -> None:
     assert publisher.spool is not None and publisher.spool.records == 0
     assert {int(v) for _, v in kafka.topic("raw")} == set(range(20))
     assert not publisher.ready()
+
+
+class RefusingProducer:
+    """Kafka answering with an error for every record (e.g. a missing topic or an ACL)."""
+
+    def __init__(self, *, raise_on_send: bool) -> None:
+        self.raise_on_send = raise_on_send
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None
+    ) -> asyncio.Future[Any]:
+        if self.raise_on_send:
+            raise RuntimeError("unexpected client failure")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.set_exception(OSError("refused"))
+        return future
+
+
+@pytest.mark.parametrize("raise_on_send", [False, True])
+async def test_g7_refused_records_are_spooled_not_lost(tmp_path: Path, raise_on_send: bool) -> None:
+    s = settings(tmp_path)
+    store = Spool(
+        s.gateway_spool_dir, max_bytes=s.gateway_spool_max_bytes, segment_bytes=4096, clock_ms=lambda: 0
+    )
+    publisher = Publisher(
+        s,
+        GatewayMetrics(process_metrics=False),
+        producer_factory=lambda: RefusingProducer(raise_on_send=raise_on_send),
+        spool=store,
+    )
+    await publisher.start(connect_timeout=1)
+    try:
+        assert await publisher.publish(records(3), budget=0.3) is Delivery.SPOOLED
+        assert store.records == 3
+        assert publisher.breaker.state is BreakerState.OPEN
+    finally:
+        await publisher.stop(drain_seconds=0)
