@@ -27,6 +27,7 @@ from aiokafka.partitioner import murmur2
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from streams import faust_fixes
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
 from streams.processor import Outgoing, Processor, state_of
@@ -101,6 +102,7 @@ class _KeysByPartition:
 
 def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> Worker:
     """Build the worker's Faust app from settings."""
+    faust_fixes.install()
     metrics = metrics or WorkerMetrics()
     rocksdb_options = {
         "block_cache_size": settings.worker_rocksdb_block_cache_bytes,
