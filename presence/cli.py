@@ -156,6 +156,15 @@ def up(port: int, data_dir: Path) -> None:
 # --- services -----------------------------------------------------------------------------------------------
 
 
+@main.command("gateway")
+def gateway() -> None:
+    """Run the webhook gateway (FastAPI on uvicorn): verify RongCloud callbacks, publish events to Kafka."""
+    from gateway.config import GatewaySettings
+    from gateway.main import run
+
+    run(_load(GatewaySettings))
+
+
 @main.command("worker")
 def worker() -> None:
     """Run a streams worker (Faust): per-session table, transitions, state, presence queries."""
