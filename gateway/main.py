@@ -20,13 +20,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import GatewaySettings, get_settings
-from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.parsing import STATUS_NAMES, BodyError, DeadLetter, Receipt, body_too_large, parse_body
 from gateway.publisher import Delivery, ProducerFactory, Publisher, Unavailable, kafka_producer_factory
 from gateway.signing import AuthFailure, ReplayGuard, body_digest, extract_params, verify
 from gateway.sources import client_address, is_allowed
 from gateway.spool import Spool, SpoolRecord
+from presence.logs import configure_logging
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")

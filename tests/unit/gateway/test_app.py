@@ -257,7 +257,7 @@ async def test_g9_logs_never_contain_secret_or_signature(
         await h.client.post(url, json=[ev()])
         await h.client.post(signed_url(secret="wrong-secret"), json=[ev()])
         await h.client.post(url, content=b"garbage")
-    from gateway.logs import JsonFormatter
+    from presence.logs import JsonFormatter
 
     ours = [r for r in caplog.records if r.name.startswith(("gateway", "uvicorn", "presence"))]
     assert any(r.name == "gateway.access" for r in ours)
@@ -269,6 +269,6 @@ async def test_g9_logs_never_contain_secret_or_signature(
 
 
 def test_g9_redaction_as_defence_in_depth() -> None:
-    from gateway.logs import redact
+    from presence.logs import redact
 
     assert redact("/x?appKey=k&nonce=1&signature=abc") == "/x?appKey=k&nonce=[redacted]&signature=[redacted]"

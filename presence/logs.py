@@ -1,4 +1,4 @@
-"""Structured logs (G9): one JSON object per line, never a secret or a signature."""
+"""Structured logs for every component (G9): one JSON object per line, never a secret or a signature."""
 
 from __future__ import annotations
 
