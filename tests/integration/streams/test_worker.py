@@ -233,3 +233,64 @@ def test_s10_two_workers_share_partitions_and_answer_for_each_other(
     expected = model_run(raw)
     wanted = sum(len(v) for v in expected["transitions"].values())
     _wait_for_transitions(kafka_bootstrap, settings.topic_transitions, expected, timeout=90)
+
+
+def test_s6_s8_retention_and_damping_run_from_the_stream_and_ticks(
+    kafka_bootstrap: str, settings_for: Callable[..., dict[str, Any]], unique: Callable[[str], str],
+    workers: list[WorkerProcess], tmp_path: Path,
+) -> None:  # fmt: skip
+    values = settings_for(topic_partitions=1)
+    app_id = unique("worker")
+    settings = WorkerSettings(**values, worker_app_id=app_id)
+    asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
+    worker = WorkerProcess(
+        env=worker_env(
+            values,
+            app_id,
+            PRESENCE_WORKER_OFFLINE_GRACE_SECONDS="2",
+            PRESENCE_WORKER_TICK_INTERVAL_SECONDS="0.2",
+            PRESENCE_WORKER_ENDED_SESSION_RETENTION_SECONDS="60",
+            PRESENCE_WORKER_USER_RETENTION_SECONDS="600",
+        ),
+        data_dir=tmp_path / "w",
+        log_path=tmp_path / "w.log",
+    )
+    workers.append(worker)
+    worker.start()
+    worker.wait_ready()
+    t = int(time.time() * 1000) - 3_600_000
+    events = [
+        raw_event("flappy", "s1", 0, t),
+        raw_event("flappy", "s1", 1, t + 100),  # held (S8)...
+        raw_event("flappy", "s2", 0, t + 1_000),  # ...and cancelled: back within the grace window
+        raw_event("gone", "g1", 0, t),
+        raw_event("gone", "g1", 1, t + 10),  # held, released once stream time passes t + 10 + 2 s
+        raw_event("clock", "c1", 0, t + 5_000),
+    ]
+    asyncio.run(produce_raw(kafka_bootstrap, settings.topic_raw, events))
+
+    def summary() -> list[tuple[str, str, str]]:
+        return [(p["userid"], p["from"], p["to"]) for p in map(orjson.loads, _transitions_of(kafka_bootstrap,
+                settings.topic_transitions))]  # fmt: skip
+
+    wait_until(lambda: ("gone", "online", "offline") in summary(), 60, "the held offline to be released")
+    assert [s for s in summary() if s[0] == "flappy"] == [("flappy", "offline", "online")], (
+        "a flap emits nothing"
+    )
+
+    # The partition is idle now: the tick releases the clock user's offline after 2 s of wall time.
+    asyncio.run(produce_raw(kafka_bootstrap, settings.topic_raw, [raw_event("clock", "c1", 1, t + 5_100)]))
+    wait_until(
+        lambda: ("clock", "online", "offline") in summary(), 60, "a tick to release an idle partition's hold"
+    )
+
+    # S6: ten minutes of stream time later the ended users are deleted, each with a STATE tombstone.
+    asyncio.run(produce_raw(kafka_bootstrap, settings.topic_raw, [raw_event("late", "l1", 0, t + 700_000)]))
+
+    def tombstones() -> set[str]:
+        records = asyncio.run(read_topic(kafka_bootstrap, settings.topic_state))
+        return {key.decode() for _, _, key, value in records if value is None}
+
+    wait_until(lambda: {"gone", "clock"} <= tombstones(), 60, "tombstones for the idle users")
+    assert "flappy" not in tombstones(), "a user with a session online is never deleted"
+    assert httpx.get(f"{worker.url}/presence/gone", timeout=5).status_code == 404
