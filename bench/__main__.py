@@ -1,0 +1,28 @@
+"""``python -m bench gateway|worker|e2e|recovery|memory [--smoke]``: run one benchmark, print, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+from pathlib import Path
+
+BENCHMARKS = ("gateway", "worker", "e2e", "recovery", "memory")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that it runs")
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the broker and every process a benchmark started are stopped.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
+    for name in BENCHMARKS if args.name == "all" else (args.name,):
+        module = importlib.import_module(f"bench.{name}")
+        module.run(smoke=args.smoke, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()
