@@ -138,7 +138,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
 
     source = app.topic(
         settings.topic_raw,
-        settings.topic_ticks,
+        settings.ticks_topic,
         key_serializer="raw",
         value_serializer="raw",
         internal=False,
@@ -154,7 +154,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     )
     dlq_topic = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw", internal=False)
     ticks_topic = app.topic(
-        settings.topic_ticks, key_serializer="raw", value_serializer="raw", internal=False
+        settings.ticks_topic, key_serializer="raw", value_serializer="raw", internal=False
     )
     out_topics = {"transitions": transitions_topic, "state": state_topic, "dlq": dlq_topic}
 
@@ -202,12 +202,25 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         async for event in stream.events():
             message = event.message
             now = _now_ms()
-            if message.topic == settings.topic_ticks:
-                await send_all(processor.on_tick(message.partition, message.offset, now))
+            try:
+                if message.topic == settings.ticks_topic:
+                    outgoing = processor.on_tick(message.partition, message.offset, now)
+                else:
+                    outgoing = processor.on_raw(
+                        message.partition, message.offset, message.key, message.value, now
+                    )
+            except Exception:
+                # A bug, not bad input (bad input goes to the DLQ): count it; Faust restarts the agent and the
+                # uncommitted message is processed again.
+                metrics.processing_errors.inc()
+                log.exception(
+                    "processing failed",
+                    extra={"topic": message.topic, "partition": message.partition, "offset": message.offset},
+                )
+                raise
+            await send_all(outgoing)
+            if message.topic == settings.ticks_topic:
                 continue
-            await send_all(
-                processor.on_raw(message.partition, message.offset, message.key, message.value, now)
-            )
             worker.last_processed[message.partition] = (message.offset, message.timestamp / 1000)
             if not worker.ready:
                 _mark_ready(worker)
@@ -246,6 +259,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
             for tp in assigned:
                 await ticks_topic.send(key=None, value=b"tick", partition=tp.partition)
         _measure_lag(worker, app, assigned)
+        processor.publish_gauges()
 
     _register_views(worker, users)
     return worker

@@ -52,7 +52,10 @@ class WorkerSettings(CommonSettings):
     worker_rocksdb_write_buffer_bytes: int = Field(default=16 * 1024**2, ge=1024**2)
     worker_rocksdb_max_open_files: int = Field(default=256, ge=16)
 
-    topic_ticks: str = "presence.worker.ticks"
+    topic_ticks: str | None = Field(
+        default=None,
+        description="Internal tick topic (S8 on idle partitions); default '<worker app id>-ticks'.",
+    )
     topic_replay_transitions: str | None = Field(
         default=None,
         description="Replay mode (S11): where rebuilt transitions go; never the live TRANSITIONS topic.",
@@ -72,6 +75,11 @@ class WorkerSettings(CommonSettings):
                 "PRESENCE_TOPIC_REPLAY_TRANSITIONS must not be the live PRESENCE_TOPIC_TRANSITIONS topic (S11)"
             )
         return self
+
+    @property
+    def ticks_topic(self) -> str:
+        # Per deployment like the changelogs, so a replay (another app id) never sees the live worker's ticks.
+        return self.topic_ticks or f"{self.worker_app_id}-ticks"
 
     @property
     def canonical_url(self) -> str:

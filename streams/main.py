@@ -19,7 +19,7 @@ def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
     specs = [
         # Ticks only drive idle-partition releases (S8); an hour of them is plenty.
         TopicSpec(
-            settings.topic_ticks,
+            settings.ticks_topic,
             settings.topic_partitions,
             rf,
             {"cleanup.policy": "delete", "retention.ms": str(3600 * 1000),

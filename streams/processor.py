@@ -273,8 +273,6 @@ class Processor:
             out.append(Outgoing("state", key, orjson.dumps(presence.state_payload(record, include_ip))))
             if self._metrics:
                 self._metrics.state_updates.inc()
-        if transitions or publish_state:
-            self._publish_gauges()
 
     def _sweep_due(
         self, partition: int, stream_time: int, now_ms: int, source: str, holds_only: bool = False
@@ -315,6 +313,10 @@ class Processor:
         for entry in deferred:
             heapq.heappush(heap, entry)
         return out
+
+    def publish_gauges(self) -> None:
+        """Set the users/sessions gauges from the per-partition counts (called periodically, not per event)."""
+        self._publish_gauges()
 
     def _publish_gauges(self) -> None:
         if self._metrics is None:

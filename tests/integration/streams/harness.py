@@ -265,7 +265,13 @@ def check_s10(expected: dict[str, list[dict[str, Any]]], actual_raw: list[bytes]
     }
     missing = sorted(set(wanted) - set(seen))
     extra = sorted(set(seen) - set(wanted))
-    assert not missing, f"{len(missing)} transitions lost, e.g. {missing[:5]}"
+    if missing:
+        userid = missing[0][0]
+        have = sorted((k[1], k[2], v["from"], v["to"], v["at"]) for k, v in seen.items() if k[0] == userid)
+        want = sorted((k[1], k[2], v["from"], v["to"], v["at"]) for k, v in wanted.items() if k[0] == userid)
+        raise AssertionError(
+            f"{len(missing)} transitions lost, e.g. {missing[:5]}\n{userid} expected {want}\n{userid} actual   {have}"
+        )
     assert not extra, f"{len(extra)} transitions the uninterrupted run does not have, e.g. {extra[:5]}"
     for key, payload in wanted.items():
         assert seen[key] == payload, f"transition {key} differs:\nexpected {payload}\nactual   {seen[key]}"

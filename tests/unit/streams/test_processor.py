@@ -153,6 +153,7 @@ def test_gauges_follow_the_records() -> None:
     h.send("a", "s1", 0, T)
     h.send("b", "s1", 0, T)
     h.send("b", "s1", 2, T + 1)
+    h.processor.publish_gauges()
     assert h.metrics.users._value.get() == 2
     assert h.metrics.online_users._value.get() == 1
     assert h.metrics.online_sessions.labels("iOS")._value.get() == 1
