@@ -83,22 +83,23 @@ async def test_g1_previous_secret_accepted(harness_factory: Harness) -> None:
         ).status_code == 401
 
 
+# URLs are built when the test runs, not at collection: a signed timestamp ages while the suite runs.
 @pytest.mark.parametrize(
-    ("url", "reason"),
+    ("make_url", "reason"),
     [
-        (PATH, "missing_params"),
-        (PATH + f"?appKey={APP_KEY}&timestamp=x&nonce=1&signature=ab", "malformed_params"),
-        (signed_url().replace(APP_KEY, "other-app"), "unknown_app_key"),
-        (signed_url(secret="wrong-secret"), "bad_signature"),
-        (signed_url(timestamp=now_ms() - 11 * 60 * 1000), "timestamp_out_of_window"),
-        (signed_url(timestamp=now_ms() + 11 * 60 * 1000), "timestamp_out_of_window"),
+        (lambda: PATH, "missing_params"),
+        (lambda: PATH + f"?appKey={APP_KEY}&timestamp=x&nonce=1&signature=ab", "malformed_params"),
+        (lambda: signed_url().replace(APP_KEY, "other-app"), "unknown_app_key"),
+        (lambda: signed_url(secret="wrong-secret"), "bad_signature"),
+        (lambda: signed_url(timestamp=now_ms() - 11 * 60 * 1000), "timestamp_out_of_window"),
+        (lambda: signed_url(timestamp=now_ms() + 11 * 60 * 1000), "timestamp_out_of_window"),
     ],
 )
 async def test_g2_unauthorized_publishes_nothing_and_is_counted(
-    harness_factory: Harness, url: str, reason: str
+    harness_factory: Harness, make_url: Callable[[], str], reason: str
 ) -> None:
     async with harness_factory() as h:
-        r = await h.client.post(url, json=[ev()])
+        r = await h.client.post(make_url(), json=[ev()])
         assert r.status_code == 401
         assert h.kafka.acked == []
         assert h.sample("presence_gateway_auth_failures_total", reason=reason) == 1
