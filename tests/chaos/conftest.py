@@ -24,11 +24,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--chaos-long", action="store_true", help="run the chaos suite's long mode")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The soak runs as long as it is told to; other long-mode tests get the same room.
+    timeout = max(600, knob(config, "SOAK_SECONDS", short=90, long=1800) + 900)
     for item in items:
         if "tests/chaos" in str(item.fspath):
             item.add_marker(pytest.mark.chaos)
             item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.timeout(timeout))
 
 
 def long_mode(config: pytest.Config) -> bool:
