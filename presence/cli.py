@@ -190,6 +190,8 @@ def _default_webhook_url() -> str:
               help="App secret the requests are signed with (required).")  # fmt: skip
 @click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same traffic.")
 @click.option("--users", type=click.IntRange(min=1), default=1000, show_default=True, help="Simulated users.")
+@click.option("--user-prefix", default="sim-", show_default=True,
+              help="User ids are this prefix and a number; another prefix is another population.")  # fmt: skip
 @click.option("--rate", type=click.FloatRange(min=0), default=500, show_default=True,
               help="Upstream events per second (their spacing in time); see --flat-out.")  # fmt: skip
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds of traffic at --rate.")
@@ -208,7 +210,7 @@ def _default_webhook_url() -> str:
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar with live rate, latency and errors [default: on a terminal].")  # fmt: skip
 def simulate_command(
-    url: str, app_key: str, secret: str | None, seed: int, users: int, rate: float, duration: float | None,
+    url: str, app_key: str, secret: str | None, seed: int, users: int, user_prefix: str, rate: float, duration: float | None,
     count: int | None, batch_max: int, concurrency: int, flat_out: bool, trace_out: Path | None,
     replay_file: Path | None, no_send: bool, as_json: bool, progress: bool | None,
 ) -> None:  # fmt: skip
@@ -249,7 +251,9 @@ def simulate_command(
             _fail(str(exc))
     else:
         events = count if count is not None else int((duration or 10.0) * (rate or 1000.0))
-        spec = trace.TraceSpec(seed=seed, users=users, events=events, rate=rate, batch_max=batch_max)
+        spec = trace.TraceSpec(
+            seed=seed, users=users, events=events, rate=rate, batch_max=batch_max, user_prefix=user_prefix
+        )
         generated = trace.generate(spec)
         if trace_out is not None:
             trace.write(generated, trace_out)

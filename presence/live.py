@@ -238,7 +238,11 @@ class Demo:
             f"[dim]or[/] presence query <userid>   presence tail   presence topics   "
             f"[dim]Ctrl-C stops everything[/]"
         )
-        return Group(numbers, simulator, Text(""), recent, Text(""), links)
+        header = Text.from_markup(
+            f"[bold]presence up[/] · {time.monotonic() - self.started:.0f} s · broker "
+            f"{self.settings.kafka_bootstrap_servers} · transitions from {self.settings.topic_transitions}"
+        )
+        return Group(header, Text(""), numbers, simulator, Text(""), recent, Text(""), links)
 
     # --- main ----------------------------------------------------------------------------------------------
 
