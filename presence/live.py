@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -98,6 +99,7 @@ class Demo:
     console: Console
     live: bool
     exit_after_demo: bool
+    logs: Path
     stats: simulate.SendStats = field(default_factory=simulate.SendStats)
     sim_done: bool = False
     sim_error: str | None = None
@@ -231,13 +233,7 @@ class Demo:
                 f"{cause.get('event')} on {cause.get('os')}",
                 ",".join(value.get("platforms") or []) or "-",
             )
-        e = self.endpoints
-        links = Text.from_markup(
-            f"[dim]gateway docs[/] {e.gateway}/docs   [dim]metrics[/] {e.gateway}/metrics  {e.worker}/metrics\n"
-            f"[dim]query[/] curl {e.worker}/presence/<userid>   "
-            f"[dim]or[/] presence query <userid>   presence tail   presence topics   "
-            f"[dim]Ctrl-C stops everything[/]"
-        )
+        links = Text(where_next_text(self) + "\nCtrl-C stops everything", style="dim")
         header = Text.from_markup(
             f"[bold]presence up[/] · {time.monotonic() - self.started:.0f} s · broker "
             f"{self.settings.kafka_bootstrap_servers} · transitions from {self.settings.topic_transitions}"
@@ -315,6 +311,12 @@ class Demo:
             self.console.print("no transitions reached TRANSITIONS: see the worker's log", style="red")
             return 1
         return 0
+
+
+def where_next_text(demo: Demo) -> str:
+    from presence.up import where_next
+
+    return where_next(demo.endpoints, demo.settings.kafka_bootstrap_servers, demo.logs)
 
 
 def sample_users(recent: list[observe.Message], limit: int = 3) -> list[str]:

@@ -109,6 +109,20 @@ def _child_env(opts: UpOptions, bootstrap: str, app_key: str, secret: str) -> di
     return env
 
 
+def where_next(endpoints: Endpoints, bootstrap: str, logs: Path) -> str:
+    """Where to look once it runs, as commands that work from another shell as printed."""
+    b = "" if bootstrap == "127.0.0.1:9092" else f" -b {bootstrap}"
+    q = "" if endpoints.worker.endswith(":6066") else f" --url {endpoints.worker}"
+    return (
+        f"look next:\n"
+        f"  API docs   {endpoints.gateway}/docs\n"
+        f"  metrics    {endpoints.gateway}/metrics   {endpoints.worker}/metrics\n"
+        f"  presence   curl {endpoints.worker}/presence/<userid>   ·   presence query{q} <userid>\n"
+        f"  streams    presence tail{b}   ·   presence tail{b} --state --user <userid>   ·   presence topics{b}\n"
+        f"  logs       {logs}/gateway.log   {logs}/worker.log"
+    )
+
+
 def run(opts: UpOptions, console: Console) -> int:
     """Run until Ctrl-C/SIGTERM (or, with ``exit_after_demo``, until the demo traffic is processed)."""
 
@@ -150,9 +164,9 @@ def run(opts: UpOptions, console: Console) -> int:
             path = env.get("PRESENCE_GATEWAY_PATH", "/rongcloud/online-status")
             endpoints = Endpoints(gateway_url, f"{gateway_url}{path}", worker_url)
             say(
-                f"gateway {gateway_url} (webhook POST {path}, API docs {gateway_url}/docs) · worker {worker_url} "
-                f"(GET /presence/<userid>, /metrics) · broker {bootstrap}\n"
-                f"credentials for this run: PRESENCE_APP_KEY={app_key} PRESENCE_APP_SECRET={secret}"
+                f"gateway {gateway_url} (webhook POST {path}) · worker {worker_url} · broker {bootstrap}\n"
+                f"credentials for this run: PRESENCE_APP_KEY={app_key} PRESENCE_APP_SECRET={secret}\n"
+                + where_next(endpoints, bootstrap, logs)
             )
             spec = None
             if opts.demo_seconds > 0:
@@ -168,7 +182,7 @@ def run(opts: UpOptions, console: Console) -> int:
             demo = Demo(
                 settings=settings, endpoints=endpoints,
                 target=simulate.Target(endpoints.webhook, app_key, secret), spec=spec, children=children,
-                console=console, live=opts.live, exit_after_demo=opts.exit_after_demo,
+                console=console, live=opts.live, exit_after_demo=opts.exit_after_demo, logs=logs,
             )  # fmt: skip
             return asyncio.run(demo.run())
         except KeyboardInterrupt:

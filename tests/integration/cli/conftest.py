@@ -168,4 +168,6 @@ def pipeline(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
         wait_until(up.demo_processed, 120, "the demo traffic to be processed", interval=0.5)
         yield up
     finally:
-        stop(up)
+        code = stop(up)  # Ctrl-C
+    assert code == 0, up.text()[-3000:]
+    assert "stopping…" in up.text() and "stopped the gateway and the worker" in up.text()
