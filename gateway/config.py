@@ -62,6 +62,10 @@ class GatewaySettings(CommonSettings):
     gateway_allow_cidrs: Networks = ()
     gateway_trusted_proxies: Networks = ()
 
+    # A connection whose request head (request line and headers) is not complete within this time is closed:
+    # the HTTP server itself never times out a head that trickles in (slowloris).
+    gateway_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+
     gateway_shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
     gateway_shutdown_drain_seconds: float = Field(default=15.0, ge=0, le=3600)
     gateway_ensure_topics: bool = True

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import GatewaySettings, get_settings
 from gateway.metrics import GatewayMetrics
@@ -470,13 +471,60 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class _HeadTimeoutProtocol(HttpToolsProtocol):
+    """httptools' HTTP protocol, closing a connection whose request head does not arrive in time.
+
+    uvicorn times out idle keep-alive connections only after a response; a client that connects and trickles
+    (or never sends) its request line and headers would hold the connection forever (slowloris).
+    """
+
+    head_timeout_seconds = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_seconds, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def _http_protocol(head_timeout_seconds: float) -> type[HttpToolsProtocol]:
+    return type(
+        "HeadTimeoutProtocol", (_HeadTimeoutProtocol,), {"head_timeout_seconds": head_timeout_seconds}
+    )
+
+
 def uvicorn_config(app: FastAPI, settings: GatewaySettings, **overrides: Any) -> uvicorn.Config:
     """The server configuration the gateway runs with (uvloop, httptools, no access log, no proxy rewriting)."""
     options: dict[str, Any] = {
         "host": settings.gateway_host,
         "port": settings.gateway_port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": _http_protocol(settings.gateway_header_timeout_seconds),
         "lifespan": "on",
         "access_log": False,
         "log_config": None,
