@@ -37,6 +37,7 @@ class Report:
     command: str
     rows: list[Row] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    commit: str = field(default_factory=lambda: _commit())
 
     def record(self, test: str, scenario: str, details: dict[str, Any] | None = None, **figures: Any) -> None:
         self.rows.append(Row(test, scenario, figures, details or {}))
@@ -51,17 +52,26 @@ class Report:
         return stem.with_suffix(".md")
 
 
-def _meta(report: Report) -> dict[str, Any]:
+def _commit() -> str:
+    """The commit the suite started at (with ``+changes`` when the tree was dirty)."""
     try:
-        commit = subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=10
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=False, timeout=10,
+        ).stdout.strip()  # fmt: skip
     except OSError:
-        commit = ""
+        return "unknown"
+    return f"{head}+changes" if head and dirty else head or "unknown"
+
+
+def _meta(report: Report) -> dict[str, Any]:
     return {
         "mode": report.mode,
         "command": report.command,
-        "commit": commit or "unknown",
+        "commit": report.commit,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(report.started)),
         "duration_seconds": round(time.time() - report.started),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
