@@ -22,7 +22,8 @@ import psutil
 
 from presence.localkafka import LocalKafka, free_port, kafka_version
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 NOISE_NOTE = (
     "Measured on a shared, noisy 2-core machine (other engineers run tests on it). Absolute numbers move from "
     "run to run; the ratios between systems measured in the same run are what count."
@@ -44,7 +45,7 @@ def machine_facts() -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "kafka": kafka_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_when_written": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min
         "note": NOISE_NOTE,
     }
 
@@ -134,15 +135,18 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                cwd=REPO_ROOT,
             )
         return self
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def check(self) -> None:
+    def check(self) -> bool:
+        """Raise if the process has exited; False otherwise (so it can lead an ``or`` in a wait condition)."""
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.process.returncode}; log:\n{self.log_tail()}")
+        return False
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
+    REPO_ROOT,
     CpuMeter,
     Service,
     Workspace,
@@ -30,6 +31,7 @@ from bench.common import (
     workspace,
     write_results,
 )
+from bench.plot import line_chart
 from bench.traffic import APP_KEY, APP_SECRET, request_pool
 from presence.localkafka import free_port
 from presence.settings import CommonSettings
@@ -103,7 +105,7 @@ def kafka_ceiling(ws: Workspace, events: int, seconds: float, concurrency: int) 
     out = subprocess.run(  # noqa: S603
         python_module("bench.kafka_ceiling", "--bootstrap", ws.bootstrap, "--topic", TOPIC_RAW,
                       "--events", str(events), "--concurrency", str(concurrency), "--seconds", str(seconds)),
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
     )  # fmt: skip
     meter.stop()
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -235,6 +237,22 @@ def run(smoke: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
                "summary": summary, "targets": targets, "framework": framework, "gateway": gateway,
                "kafka": kafka}  # fmt: skip
     path = write_results("gateway", smoke, payload, out_dir)
+    series = []
+    for row in [*gateway, *framework]:
+        points = [
+            (r["achieved_requests_per_second"] * row["events_per_request"], r["latency_ms"]["p99"])
+            for r in row["at_rate"]
+        ]
+        top = row["max"]
+        points.append((top["events_per_second"], top["latency_ms"]["p99"]))
+        series.append((f"{row['system']} {row['events_per_request']} ev/req", points))
+    line_chart(
+        path.with_suffix(".svg"),
+        "Gateway vs framework ceiling: p99 latency against accepted events/s",
+        "events/s",
+        "p99 ms (log)",
+        series,
+    )
     print(render(payload))
     say(f"results in {path}")
     return payload

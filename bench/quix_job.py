@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 from quixstreams import Application, message_context
-from quixstreams.models import SerializationContext, Serializer
+from quixstreams.models import Serializer
 from quixstreams.state import State
 from quixstreams.state.rocksdb import RocksDBOptions
 
@@ -34,7 +34,7 @@ class StateTable(MutableMapping[str, Any]):
     """The current message's quixstreams state seen as the processor's table (one key: the message's user)."""
 
     def __init__(self) -> None:
-        self.state: State | None = None
+        self.state: State[Any, Any] | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         assert self.state is not None
@@ -62,8 +62,11 @@ class StateTable(MutableMapping[str, Any]):
 
 
 class OutgoingValue(Serializer):
-    def __call__(self, value: Outgoing, ctx: SerializationContext) -> bytes | None:
-        return value.value
+    """The processor's encoded value as is (the backlog causes no deletes, hence no tombstones)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> str | bytes:
+        outgoing: Outgoing = args[0]
+        return outgoing.value if outgoing.value is not None else b""
 
 
 def main() -> None:
@@ -96,7 +99,9 @@ def main() -> None:
     table = StateTable()
     processor = Processor(table, {}, PresenceConfig(), lambda _p: ())
 
-    def handle(value: bytes, key: bytes, timestamp: int, headers: Any, state: State) -> list[Outgoing]:
+    def handle(
+        value: bytes, key: bytes, timestamp: int, headers: Any, state: State[Any, Any]
+    ) -> list[Outgoing]:
         context = message_context()
         table.state = state
         return processor.on_raw(context.partition, context.offset, key, value, time.time_ns() // 1_000_000)
