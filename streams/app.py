@@ -13,6 +13,7 @@ memory. ``emitted_at`` is the only field that may differ in a repeat.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import time
 from collections import defaultdict
@@ -351,7 +352,7 @@ def _register_views(worker: Worker, users: Any) -> None:
     def unauthorized(view: View, request: Request) -> Response | None:
         if token is None:
             return None
-        if request.headers.get("Authorization", "") == f"Bearer {token}":
+        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
             return None
         return view.json({"error": "missing or wrong bearer token"}, status=401)
 

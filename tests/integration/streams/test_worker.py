@@ -48,9 +48,11 @@ def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
         worker.stop()
 
 
-def _start(workers: list[WorkerProcess], topics: dict[str, Any], tmp_path: Path, name: str) -> WorkerProcess:
+def _start(
+    workers: list[WorkerProcess], topics: dict[str, Any], tmp_path: Path, name: str, **env: str
+) -> WorkerProcess:
     worker = WorkerProcess(
-        env=worker_env(topics["values"], topics["app_id"]),
+        env=worker_env(topics["values"], topics["app_id"], **env),
         data_dir=tmp_path / name,
         log_path=tmp_path / f"{name}.log",
     )
@@ -167,7 +169,7 @@ def test_invalid_raw_goes_to_the_dead_letter_topic_and_processing_goes_on(
             await producer.stop()
 
     asyncio.run(produce())
-    _start(workers, topics, tmp_path, "w1")
+    worker = _start(workers, topics, tmp_path, "w1", PRESENCE_WORKER_QUERY_TOKEN="let-me-in")
     transitions = wait_until(
         lambda: _transitions_of(kafka_bootstrap, settings.topic_transitions),
         60,
@@ -182,6 +184,18 @@ def test_invalid_raw_goes_to_the_dead_letter_topic_and_processing_goes_on(
     dlq_schema = validator("dlq.v1.schema.json")
     for value in dead:
         dlq_schema.validate(orjson.loads(value))
+
+    # Q3: with a token set, the query API answers only requests that carry it.
+    assert httpx.get(f"{worker.url}/presence/u-good", timeout=5).status_code == 401
+    wrong = httpx.get(f"{worker.url}/presence/u-good", headers={"Authorization": "Bearer nope"}, timeout=5)
+    assert wrong.status_code == 401
+    right = httpx.get(
+        f"{worker.url}/presence/u-good", headers={"Authorization": "Bearer let-me-in"}, timeout=5
+    )
+    assert right.status_code == 200 and right.json()["status"] == "online"
+    assert (
+        httpx.post(f"{worker.url}/presence:batch", json={"userids": ["u-good"]}, timeout=5).status_code == 401
+    )
 
 
 def test_s10_two_workers_share_partitions_and_answer_for_each_other(
