@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 
 def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes | None]],
@@ -55,6 +56,13 @@ def produce_to(bootstrap: str, topic: str, records: Iterable[tuple[int, bytes, b
     return count
 
 
+_COORDINATOR_ERRORS = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+}
+
+
 class Offsets:
     """Committed offsets of consumer groups and end offsets of topics."""
 
@@ -68,9 +76,19 @@ class Offsets:
                                                "enable.auto.commit": False})  # fmt: skip
         return self._consumers[group]
 
-    def committed(self, group: str, topic: str, partitions: int) -> int:
+    def committed(self, group: str, topic: str, partitions: int, retry_for: float = 30.0) -> int:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
-        return sum(max(0, tp.offset) for tp in self._consumer(group).committed(tps, timeout=10))
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                return sum(max(0, tp.offset) for tp in self._consumer(group).committed(tps, timeout=10))
+            except KafkaException as exc:
+                # The group coordinator may be loading or moving (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS).
+                error = exc.args[0]
+                transient = error.retriable() or error.code() in _COORDINATOR_ERRORS
+                if not transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def end(self, topic: str, partitions: int) -> int:
         consumer = self._consumer("bench-offsets")

@@ -29,13 +29,13 @@ def run(smoke: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
         empty_settings = WorkerSettings(**_settings(ws, "recovery", worker_app_id="bench-empty"))
         asyncio.run(ensure_topics(empty_settings, extra=worker_topics(empty_settings)))
         probe = Probe(ws, "bench.recovery.transitions", "bench.worker.raw")
-        empty = faust_worker(ws, ws.path("state-empty"), app_id="bench-empty", system="memory")
+        empty = faust_worker(ws, ws.path("state-empty"), app_id="bench-empty", system="recovery")
         try:
             base = start_and_time(ws, empty, probe, timeout)
         finally:
             empty.stop()
         data_dir = ws.path("state")
-        worker = faust_worker(ws, data_dir, app_id="bench-memory", system="memory")
+        worker = faust_worker(ws, data_dir, app_id="bench-memory", system="recovery")
         say(f"restoring {users:,} users and serving one event per partition")
         try:
             full = start_and_time(ws, worker, probe, timeout)
