@@ -152,6 +152,8 @@ def test_workers_killed_and_terminated_repeatedly_match_the_uninterrupted_run(
             wait_until(
                 lambda: final_state() == expected["state"], 120, "STATE to equal the model", interval=1.0
             )
+        except AssertionError:
+            pass  # the report gets the figures; the assertions below fail with a sample of the difference
         finally:
             actual = transitions()
             figures = s10_figures(expected["transitions"], actual)
@@ -179,7 +181,8 @@ def test_workers_killed_and_terminated_repeatedly_match_the_uninterrupted_run(
         counts = check_s10(expected["transitions"], actual)
         assert counts["transitions"] > 0
         assert figures["gaps"] == 0
-        assert not differ, f"{len(differ)} users' final STATE differs from the model, e.g. {differ[:3]}"
+        sample = [(u, expected["state"][u], state.get(u)) for u in differ[:2]]
+        assert not differ, f"{len(differ)} users' final STATE differs from the model, e.g. {sample}"
     finally:
         traffic.stop()
         for worker in workers:
