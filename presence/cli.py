@@ -27,6 +27,11 @@ def _fail(message: str) -> None:
 def main() -> None:
     """Trustworthy user-level presence from RongCloud online-status webhooks.
 
+    \b
+    New here? `presence up` runs everything locally with simulated traffic.
+    Debugging?  `presence topics`, `presence tail`, `presence query USERID`,
+                `presence check-signature`.
+
     Settings come from PRESENCE_* environment variables (see the README's settings table).
     """
 
@@ -34,7 +39,7 @@ def main() -> None:
 # --- local broker -------------------------------------------------------------------------------------------
 
 
-@main.group()
+@main.group(short_help="Start, stop or check a local Kafka broker.")
 def kafka() -> None:
     """Run a real single-node Apache Kafka broker on this machine (no Docker needed).
 
@@ -115,7 +120,7 @@ def kafka_status(data_dir: Path) -> None:
 # --- the whole product, locally --------------------------------------------------------------------------
 
 
-@main.command("up")
+@main.command("up", short_help="Run broker, worker, gateway and a live demo locally.")
 @click.option(
     "--port", type=int, default=9092, show_default=True, help="Kafka client port of the local broker."
 )
@@ -181,7 +186,7 @@ def _default_webhook_url() -> str:
     return f"http://127.0.0.1:{port}{path}"
 
 
-@main.command("simulate")
+@main.command("simulate", short_help="Send realistic signed webhook traffic to a gateway.")
 @click.option("--url", default=_default_webhook_url, show_default="http://127.0.0.1:$PRESENCE_GATEWAY_PORT"
               "$PRESENCE_GATEWAY_PATH", help="The gateway's webhook URL.")  # fmt: skip
 @click.option("--app-key", envvar="PRESENCE_APP_KEY", default="presence-demo", show_default=True,
@@ -344,7 +349,7 @@ def _print_summary(summary: dict[str, Any], stats: Any) -> None:
 # --- debugging upstream -------------------------------------------------------------------------------------
 
 
-@main.command("check-signature")
+@main.command("check-signature", short_help="Compute or verify a callback signature.")
 @click.option("--secret", envvar="PRESENCE_APP_SECRET", show_envvar=True, help="The app secret (required).")
 @click.option("--nonce", help="The nonce parameter, exactly as sent.")
 @click.option("--timestamp", help="The timestamp parameter, exactly as sent (ms, or 10-digit seconds).")
@@ -427,7 +432,7 @@ def check_signature(
 # --- services -----------------------------------------------------------------------------------------------
 
 
-@main.command("gateway")
+@main.command("gateway", short_help="Run the webhook gateway (verify, publish to Kafka).")
 def gateway() -> None:
     """Run the webhook gateway (FastAPI on uvicorn): verify RongCloud callbacks, publish events to Kafka."""
     from gateway.config import GatewaySettings
@@ -436,7 +441,7 @@ def gateway() -> None:
     run(_load(GatewaySettings))
 
 
-@main.command("worker")
+@main.command("worker", short_help="Run a streams worker (table, transitions, queries).")
 def worker() -> None:
     """Run a streams worker (Faust): per-session table, transitions, state, presence queries."""
     from streams.config import WorkerSettings
@@ -448,7 +453,7 @@ def worker() -> None:
 # --- topics -------------------------------------------------------------------------------------------------
 
 
-@main.command("create-topics")
+@main.command("create-topics", short_help="Create the product's topics with their configs.")
 def create_topics() -> None:
     """Create the product's topics with their configs (the gateway and workers also do this at start)."""
     from presence.settings import CommonSettings
@@ -487,7 +492,7 @@ def _worker_url() -> str:
     return f"http://127.0.0.1:{os.environ.get('PRESENCE_WORKER_WEB_PORT', '6066')}"
 
 
-@main.command("query")
+@main.command("query", short_help="Show users' current presence (query API).")
 @click.argument("userids", nargs=-1, required=True)
 @click.option("--url", default=_worker_url, show_default="http://127.0.0.1:$PRESENCE_WORKER_WEB_PORT",
               help="Any worker's query API; it routes to the worker that owns each user.")  # fmt: skip
@@ -530,7 +535,7 @@ def query(userids: tuple[str, ...], url: str, token: str | None, as_json: bool) 
     raise SystemExit(3 if any(r is None for r in records.values()) else 0)
 
 
-@main.command("tail")
+@main.command("tail", short_help="Follow transitions (or STATE records) live.")
 @click.option(
     "--user", "-u", metavar="USERID", help="Only this user's messages (reads just their partition)."
 )
@@ -586,7 +591,7 @@ def tail(
         pass
 
 
-@main.command("topics")
+@main.command("topics", short_help="Describe topics, partitions and worker lag.")
 @click.option("--app-id", "app_ids", multiple=True, metavar="APP_ID",
               help="Workers' app id (consumer group) whose lag to show; repeatable "
               "[default: every group that consumes RAW].")  # fmt: skip
@@ -672,7 +677,7 @@ def _duration(ms: int) -> str:
     return f"{ms} ms"
 
 
-@main.command("replay")
+@main.command("replay", short_help="Rebuild table and STATE from RAW (S11).")
 @click.option("--app-id", metavar="APP_ID",
               help="App id of the rebuild: its consumer group, table and changelogs "
               "[default: presence-replay-<date>-<time>]. Run again with the same id to resume.")  # fmt: skip
