@@ -146,6 +146,19 @@ async def measure(ws_bootstrap: str, transitions: str, port: int, rates: list[fl
     traffic = Traffic(users=200_000)
     results: list[dict[str, Any]] = []
     try:
+        # Warm-up, not measured: a freshly started worker may still be settling its group and fetch positions.
+        # Send at the lowest rate until a transition arrives within a second of its request, or give up after
+        # a minute (then the first phase shows it).
+        warm_until = time.monotonic() + 60
+        while time.monotonic() < warm_until:
+            arrivals.clear()
+            traffic.scheduled.clear()
+            await phase(port, traffic, rates[0], 1.0, 4)
+            await asyncio.sleep(0.5)
+            fresh = [arrived - traffic.scheduled.get((p["cause"]["sessionId"], p["cause"]["event"]), 0.0)
+                     for arrived, p in ((a, orjson.loads(v)) for a, v in arrivals)]  # fmt: skip
+            if fresh and min(fresh) < 1.0:
+                break
         for rate in rates:
             arrivals.clear()
             traffic.scheduled.clear()
