@@ -98,7 +98,12 @@ def test_soak_steady_load_memory_flat_nothing_lost(
             assert load.is_alive(), "the load generator died"
         ledger = load.stop()
         gateway.wait_drained(60)
-        wait_until(lambda: _lag(worker) == 0, 120, "the worker to catch up (lag 0)", interval=1.0)
+        caught_up = time.monotonic()
+        try:
+            wait_until(lambda: _lag(worker) == 0, 120, "the worker to catch up (lag 0)", interval=1.0)
+            catch_up = f"{time.monotonic() - caught_up:.1f} s"
+        except AssertionError:
+            catch_up = f"not within 120 s (lag {_lag(worker):.0f})"
         delivery = check_delivery(ledger, raw_events(kafka_bootstrap, values["topic_raw"]))
         warmup = int(warmup_seconds / SAMPLE_SECONDS)
         gateway_growth = _growth(gateway_rss, warmup)
@@ -133,8 +138,10 @@ def test_soak_steady_load_memory_flat_nothing_lost(
                     f"{statistics.median(known_lags):.0f} / {max(known_lags):.0f}" if known_lags else "–"
                 ),
                 "HTTP statuses": dict(sorted(ledger.statuses.items())),
+                "worker caught up (lag 0) after the load stopped": catch_up,
             },
         )
+        assert catch_up.endswith(" s"), f"the worker did not catch up: {catch_up}"
         assert delivery.lost == 0, f"{delivery.lost} acknowledged events lost, e.g. {delivery.lost_sample}"
         assert ledger.server_errors == 0, f"5xx answers: {ledger.statuses}"
         assert ledger.transport_errors == 0
