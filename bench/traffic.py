@@ -79,6 +79,8 @@ def backlog(users: int, events: int, seed: int = 7, start_ms: int = 1_750_000_00
                     else:
                         yield key, end
                         produced += 1
+            if produced >= events:
+                break
             if len(late) > 64:
                 for item in late:
                     yield item

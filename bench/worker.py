@@ -9,6 +9,7 @@ commit to the commit of the last event (startup is reported apart).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,9 @@ def drain(
             if done >= total:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{service.name} committed {done:,} of {total:,} in {timeout:.0f} s")
+                # Out of time: the rate stands, measured over what was committed; the result says so.
+                say(f"{service.name}: committed {done:,} of {total:,} within {timeout:.0f} s; measuring that")
+                break
             time.sleep(0.25)
     finally:
         service.stop()
@@ -99,6 +102,7 @@ def drain(
     cpu = last[2] - first[2]
     return {
         "events": total,
+        "drained_all": last[1] >= total,
         "measured_events": events,
         "seconds": round(seconds, 2),
         "startup_seconds": round(first[0] - service.started_at, 2),
@@ -114,7 +118,7 @@ def drain(
 def run(smoke: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
     users = 2_000 if smoke else 100_000
     events = 20_000 if smoke else 1_000_000
-    timeout = 300 if smoke else 1800
+    timeout = 300.0 if smoke else float(os.environ.get("BENCH_WORKER_MAX_SECONDS", "1800"))
     results: dict[str, dict[str, Any]] = {}
     with workspace("worker", heap="2g") as ws:
         base = CommonSettings(**_settings(ws, "faust"))
