@@ -36,7 +36,6 @@ from streams.processor import Outgoing, Processor, state_of
 log = logging.getLogger(__name__)
 
 USERS_TABLE = "users"
-STREAM_TIME_TABLE = "stream_time"
 MAX_BATCH = 1000
 _ROUTED_HEADER = "X-Presence-Routed"
 
@@ -167,26 +166,19 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         value_type=bytes,
         options=rocksdb_options,
     )
-    stream_times: Any = app.Table(
-        STREAM_TIME_TABLE,
-        default=None,
-        partitions=settings.topic_partitions,
-        key_type=bytes,
-        options=rocksdb_options,
-    )
     # Faust takes table serializers from model types only and falls back to JSON, which would quote the keys:
     # '"u1"' hashes to another partition than 'u1', and standby/recovery would try to JSON-decode records.
     # Keys are the raw userid bytes, as on RAW; records are already encoded by the processor. The changelog
     # topic object was built with the JSON defaults when the table registered itself, so build it again.
     users.key_serializer = "raw"
     users.value_serializer = "raw"
-    stream_times.key_serializer = "raw"
-    for table in (users, stream_times):
-        table.changelog_topic = table._new_changelog_topic()
+    users.changelog_topic = users._new_changelog_topic()
     keys_by_partition = _KeysByPartition(_StrKeys(users), settings.topic_partitions)
+    table = _StrTable(users)
     processor = Processor(
-        _StrTable(users),
-        _StrTable(stream_times),
+        table,
+        # Stream times live in the users table itself, so they are restored together with the records.
+        table,
         settings.presence_config(),
         keys_by_partition,
         metrics,

@@ -9,7 +9,7 @@ import faust
 
 from presence.logs import configure_logging
 from presence.topics import TopicSpec, ensure_topics, min_insync_replicas
-from streams.app import STREAM_TIME_TABLE, USERS_TABLE, create_app
+from streams.app import USERS_TABLE, create_app
 from streams.config import WorkerSettings
 
 
@@ -26,18 +26,17 @@ def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
              "min.insync.replicas": str(min_insync_replicas(rf))},
         ),
     ]  # fmt: skip
-    # The tables' changelogs and Faust's leader-election topic, created up front with explicit configs:
+    # The table's changelog and Faust's leader-election topic, created up front with explicit configs:
     # Faust would declare them itself, but a worker can then start before their metadata is visible and
     # crash its agent on a partition-count mismatch.
-    for table in (USERS_TABLE, STREAM_TIME_TABLE):
-        specs.append(
-            TopicSpec(
-                f"{settings.worker_app_id}-{table}-changelog",
-                settings.topic_partitions,
-                rf,
-                {"cleanup.policy": "compact", "min.insync.replicas": str(min_insync_replicas(rf))},
-            )
+    specs.append(
+        TopicSpec(
+            f"{settings.worker_app_id}-{USERS_TABLE}-changelog",
+            settings.topic_partitions,
+            rf,
+            {"cleanup.policy": "compact", "min.insync.replicas": str(min_insync_replicas(rf))},
         )
+    )
     specs.append(
         TopicSpec(f"{settings.worker_app_id}-__assignor-__leader", 1, rf, {"cleanup.policy": "compact"})
     )

@@ -471,6 +471,16 @@ def apply(
     return new_record, ApplyResult("applied", tuple(reemits + emitted), True, True, bool(reemits))
 
 
+def redelivered(record: UserRecord, event: Event) -> ApplyResult:
+    """An event the glue knows ``record`` already reflects (S10): change nothing, re-send what it caused.
+
+    The glue recognises a redelivery by the source position it stored with the record, so this also holds when
+    the event's session has since been dropped (S6) and applying it again would re-create the session.
+    """
+    reemits = _recall(record.userid, record.memory, event.trigger) if record.memory else []
+    return ApplyResult("duplicate", tuple(reemits), False, True, bool(reemits))
+
+
 def sweep(
     record: UserRecord | None, stream_time: int, config: PresenceConfig, tick_id: str = ""
 ) -> tuple[UserRecord | None, SweepResult]:

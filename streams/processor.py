@@ -44,14 +44,36 @@ class InvalidRaw(ValueError):
         self.reason = reason
 
 
-def decode_record(value: bytes | None) -> UserRecord | None:
+# The table value is the record plus "o": the newest RAW offset applied to it. A user lives in one partition,
+# so a message at or below that offset is one the record already reflects: a redelivery (S10).
+_APPLIED = "o"
+# Stream time per partition is stored in the same table (and so in the same changelog partition, in order with
+# the records) under keys no userid can take (userids are at most 64 characters): after a crash the restored
+# stream time always belongs to the restored records.
+STREAM_TIME_KEY = "~" * 65 + "stream-time/"
+MAX_USERID = 64
+
+
+def decode_stored(value: bytes | None) -> tuple[UserRecord | None, int]:
+    """The record and the newest RAW offset applied to it (-1 when unknown)."""
     if value is None:
-        return None
-    return presence.record_from_dict(orjson.loads(value))
+        return None, -1
+    data = orjson.loads(value)
+    return presence.record_from_dict(data), int(data.get(_APPLIED, -1))
 
 
-def encode_record(record: UserRecord) -> bytes:
-    return orjson.dumps(presence.record_to_dict(record))
+def decode_record(value: bytes | None) -> UserRecord | None:
+    return decode_stored(value)[0]
+
+
+def encode_record(record: UserRecord, applied_offset: int = -1) -> bytes:
+    data = presence.record_to_dict(record)
+    data[_APPLIED] = applied_offset
+    return orjson.dumps(data)
+
+
+def is_user_key(key: str) -> bool:
+    return not key.startswith(STREAM_TIME_KEY)
 
 
 def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> presence.Event:
@@ -68,8 +90,8 @@ def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> prese
     session_id = raw.get("sessionId")
     status = raw.get("status")
     time = raw.get("time")
-    if not isinstance(userid, str) or not userid:
-        raise InvalidRaw("invalid_raw", "userid missing or not a string")
+    if not isinstance(userid, str) or not userid or len(userid) > MAX_USERID:
+        raise InvalidRaw("invalid_raw", f"userid missing, not a string or over {MAX_USERID} characters")
     if not isinstance(session_id, str) or not session_id:
         raise InvalidRaw("invalid_raw", "sessionId missing or not a string")
     if status not in (0, 1, 2) or isinstance(status, bool):
@@ -155,22 +177,28 @@ class Processor:
         self._ensure_index(partition)
         stream_time = self.stream_time(partition)
         if event.time > stream_time:
-            self._stream_times[str(partition)] = event.time
+            # Bytes like every value of the (raw-serialized) table it is stored in.
+            self._stream_times[f"{STREAM_TIME_KEY}{partition}"] = str(event.time).encode()
             self._advanced_at[partition] = now_ms
             if self._metrics:
                 self._metrics.stream_time_seconds.labels(str(partition)).set(event.time / 1000)
 
         userid = event.userid
-        old = decode_record(self._table.get(userid))
-        new, result = presence.apply(old, event, stream_time, self._config)
+        old, applied = decode_stored(self._table.get(userid))
+        if old is not None and offset <= applied:
+            # Already applied (a redelivery after a crash or rebalance): applying it again could re-create a
+            # session S6 has dropped since. Re-send what it caused, and write the record again: the first
+            # write may never have reached the changelog.
+            new, result = old, presence.redelivered(old, event)
+            self._write(partition, userid, old, new, applied)
+        else:
+            new, result = presence.apply(old, event, stream_time, self._config)
+            # Every applied message is recorded in the record's applied offset, duplicates and stale ones too.
+            self._write(partition, userid, old, new, offset)
         if self._metrics:
             self._metrics.events.labels(result.outcome).inc()
             self._metrics.event_time_lag.observe(max(0, now_ms - event.time) / 1000)
         out: list[Outgoing] = []
-        # A duplicate or stale event may be the redelivery of one whose table write never reached the
-        # changelog (the worker died first); writing the record again repairs the changelog (S10).
-        if result.record_changed or result.outcome != "applied":
-            self._write(partition, userid, old, new)
         self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
                    event.received_at)  # fmt: skip
         out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
@@ -195,7 +223,8 @@ class Processor:
         )
 
     def stream_time(self, partition: int) -> int:
-        return int(self._stream_times.get(str(partition)) or 0)
+        stored = self._stream_times.get(f"{STREAM_TIME_KEY}{partition}")
+        return int(stored) if stored else 0
 
     # --- rebalance ------------------------------------------------------------------------------------------
 
@@ -216,6 +245,8 @@ class Processor:
         heap: list[tuple[int, str]] = []
         counts = _Counts()
         for userid in self._keys_of_partition(partition):
+            if not is_user_key(userid):
+                continue
             record = decode_record(self._table.get(userid))
             if record is None:
                 continue
@@ -230,7 +261,9 @@ class Processor:
 
     # --- internals ------------------------------------------------------------------------------------------
 
-    def _write(self, partition: int, userid: str, old: UserRecord | None, new: UserRecord | None) -> None:
+    def _write(
+        self, partition: int, userid: str, old: UserRecord | None, new: UserRecord | None, applied: int
+    ) -> None:
         counts = self._counts.get(partition)
         if counts is not None:
             if old is not None:
@@ -240,7 +273,7 @@ class Processor:
         if new is None:
             self._table.pop(userid, None)
             return
-        self._table[userid] = encode_record(new)
+        self._table[userid] = encode_record(new, applied)
         due = presence.next_sweep_at(new, self._config)
         heap = self._due.get(partition)
         if due is not None and heap is not None:
@@ -285,7 +318,7 @@ class Processor:
         deferred: list[tuple[int, str]] = []
         while heap and heap[0][0] <= stream_time and budget > 0:
             _, userid = heapq.heappop(heap)
-            record = decode_record(self._table.get(userid))
+            record, applied = decode_stored(self._table.get(userid))
             if record is None:
                 continue
             due = presence.next_sweep_at(record, self._config)
@@ -301,13 +334,13 @@ class Processor:
             budget -= 1
             new, result = presence.sweep(record, stream_time, self._config, source)
             if result.deleted:
-                self._write(partition, userid, record, None)
+                self._write(partition, userid, record, None, applied)
                 out.append(Outgoing("state", userid.encode(), None))
                 if self._metrics:
                     self._metrics.users_deleted.inc()
                     self._metrics.state_updates.inc()
             elif result.record_changed:
-                self._write(partition, userid, record, new)
+                self._write(partition, userid, record, new, applied)
             self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
                        None)  # fmt: skip
         for entry in deferred:
@@ -361,5 +394,7 @@ class _Counts:
 
 def state_of(table: Mapping[str, bytes], userid: str, include_client_ip: bool) -> dict[str, Any] | None:
     """The user's record as published on STATE (Q1), or None if the table has none."""
+    if len(userid) > MAX_USERID or not is_user_key(userid):
+        return None
     record = decode_record(table.get(userid))
     return None if record is None else presence.state_payload(record, include_client_ip)

@@ -9,7 +9,7 @@ import orjson
 
 from streams.metrics import WorkerMetrics
 from streams.presence import MINUTE_MS, PresenceConfig
-from streams.processor import Outgoing, Processor
+from streams.processor import STREAM_TIME_KEY, Outgoing, Processor
 
 T = 1_700_000_000_000
 
@@ -91,15 +91,40 @@ def test_s10_only_a_redelivery_of_the_same_record_resends_its_transition() -> No
     assert h.count("duplicate") == 2
 
 
-def test_s10_a_duplicate_rewrites_the_record_so_a_lost_changelog_write_is_repaired() -> None:
+def test_s10_a_redelivery_rewrites_the_record_so_a_lost_changelog_write_is_repaired() -> None:
     h = Harness()
-    h.send("u", "s1", 0, T)
+    h.send("u", "s1", 0, T, offset=1)
     h.table.clear()  # what a restored table looks like if the write never reached the changelog...
-    h.send("u", "s1", 0, T)  # ...the redelivery applies again and writes it
+    h.send("u", "s1", 0, T, offset=1)  # ...the redelivery applies it again and writes it
     assert "u" in h.table
     stored = dict(h.table)
-    h.send("u", "s1", 0, T)
-    assert h.table == stored
+    writes: list[str] = []
+
+    class Recording(dict[str, Any]):
+        def __setitem__(self, key: str, value: Any) -> None:
+            writes.append(key)
+            super().__setitem__(key, value)
+
+    h.processor._table = Recording(stored)
+    h.send("u", "s1", 0, T, offset=1)  # delivered once more: nothing changes, but the record is written again
+    assert writes == ["u"]
+    assert dict(h.processor._table) == stored
+
+
+def test_s10_a_redelivered_online_never_reopens_a_session_dropped_since() -> None:
+    config = PresenceConfig(ended_session_retention_ms=MINUTE_MS)
+    h = Harness(config)
+    h.send("u", "s1", 0, T, offset=1)
+    h.send("u", "s1", 1, T + 1000, offset=2)
+    h.send("other", "x", 0, T + 5 * MINUTE_MS, offset=3)  # stream time moves on: s1 is dropped (S6)
+    assert orjson.loads(h.table["u"])["sessions"] == {}
+    # After a crash the restored table is this one, and offsets 1-3 are delivered again.
+    again = h.send("u", "s1", 0, T, offset=1)
+    assert orjson.loads(h.table["u"])["sessions"] == {}, "the old online must not re-open the dropped session"
+    (state,) = [orjson.loads(o.value or b"") for o in again if o.topic == "state"]
+    assert state["status"] == "offline"
+    # It re-sends exactly what it caused the first time.
+    assert [(t["from"], t["to"], t["seq"]) for t in transitions(again)] == [("offline", "online", 1)]
 
 
 def test_stream_time_is_the_largest_event_time_seen_on_the_partition() -> None:
@@ -107,7 +132,7 @@ def test_stream_time_is_the_largest_event_time_seen_on_the_partition() -> None:
     h.send("a", "s", 0, T + 500)
     h.send("b", "s", 0, T)  # older, from another user: stream time does not go back
     assert h.processor.stream_time(0) == T + 500
-    assert h.stream_times == {"0": T + 500}
+    assert h.stream_times == {f"{STREAM_TIME_KEY}0": str(T + 500).encode()}
 
 
 def test_s6_ended_sessions_are_dropped_and_idle_users_deleted_in_stream_time() -> None:
