@@ -2,7 +2,8 @@
 
 Short mode by default (part of ``./dev test``); long mode with ``PRESENCE_CHAOS_LONG=1`` (or ``--chaos-long``
 when pytest is pointed at ``tests/chaos``). Durations can be set one by one, see :func:`knob`. The session writes
-``reports/reliability-<mode>.md`` and ``.json`` (directory: ``PRESENCE_CHAOS_REPORT_DIR``).
+``.run/reports/reliability-<mode>.md`` and ``.json``; ``PRESENCE_CHAOS_REPORT_DIR=reports`` refreshes the
+committed ones.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def reliability(pytestconfig: pytest.Config) -> Iterator[Report]:
     report = Report(mode=mode, command=command)
     yield report
     if report.rows:
-        directory = Path(os.environ.get("PRESENCE_CHAOS_REPORT_DIR", ROOT / "reports"))
+        # A test run must not rewrite the committed reports: they go to .run/ unless asked for
+        # (PRESENCE_CHAOS_REPORT_DIR=reports refreshes the published ones).
+        directory = Path(os.environ.get("PRESENCE_CHAOS_REPORT_DIR", ROOT / ".run" / "reports"))
         path = report.write(directory)
         reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
