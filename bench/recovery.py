@@ -40,7 +40,8 @@ from bench.kafka_tools import produce, produce_to
 from bench.traffic import raw_event
 from bench.worker import PARTITIONS, _settings, faust_worker
 from presence.topics import ensure_topics
-from streams.app import STREAM_TIME_TABLE, USERS_TABLE, partition_of
+from streams import app as streams_app
+from streams.app import USERS_TABLE, partition_of
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 from streams.presence import Event, PresenceConfig, apply
@@ -149,8 +150,10 @@ def prepare(ws: Workspace, users: int, app_id: str) -> tuple[WorkerSettings, dic
     asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
     started = time.monotonic()
     count = produce_to(ws.bootstrap, f"{app_id}-{USERS_TABLE}-changelog", table_records(users))
-    produce_to(ws.bootstrap, f"{app_id}-{STREAM_TIME_TABLE}-changelog",
-               ((p, str(p).encode(), orjson.dumps(START_MS + 10)) for p in range(PARTITIONS)))  # fmt: skip
+    stream_time_table = getattr(streams_app, "STREAM_TIME_TABLE", None)
+    if stream_time_table is not None:  # workers that keep stream time in a table of its own
+        produce_to(ws.bootstrap, f"{app_id}-{stream_time_table}-changelog",
+                   ((p, str(p).encode(), orjson.dumps(START_MS + 10)) for p in range(PARTITIONS)))  # fmt: skip
     seconds = time.monotonic() - started
     say(f"{count:,} table records on the changelog in {seconds:.1f} s")
     return settings, {
