@@ -138,7 +138,7 @@ def render_all(results_dir: Path = RESULTS_DIR) -> str:
         parts.append(
             f"Run {payload['finished_at']} on {machine['nproc']} cores ({machine['cpu_model']}), "
             f"{machine['ram_gib']} GiB RAM, {machine['os']}, Python {machine['python']}, Kafka {machine['kafka']}; "
-            f"load average when written {machine.get('load_average_when_written')} (shared machine)."
+            f"load average {machine.get('load_average_when_written', machine.get('load_average_at_start'))} when written (shared machine)."
         )
         parts.append(module.render(payload))
         if path.with_suffix(".svg").exists():
