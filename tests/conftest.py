@@ -56,9 +56,16 @@ class Broker:
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Broker]:
     # Fixture output is captured; a cold start fetches jars, so say what is happening on the terminal.
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
     def _say(message: str) -> None:
-        if reporter is not None:
+        if reporter is None:
+            return
+        # Session fixtures run under pytest's output capture; lift it so the line reaches the terminal/CI log.
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"[kafka] {message}")
+        else:
             reporter.write_line(f"[kafka] {message}")
 
     external = os.environ.get("PRESENCE_TEST_KAFKA")
