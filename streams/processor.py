@@ -153,6 +153,9 @@ class Processor:
         self._metrics = metrics
         self._sweep_batch = sweep_batch
         self._due: dict[int, list[tuple[int, str]]] = {}
+        # The one due time that counts per user: heap entries that disagree with it are stale and skipped, so
+        # the heap holds about one entry per user instead of one per write.
+        self._scheduled: dict[int, dict[str, int]] = {}
         # Wall clock of the last stream-time advance per partition, for the idle-partition S8 release.
         self._advanced_at: dict[int, int] = {}
         # Gauges per partition: users, online users, sessions, online sessions by platform.
@@ -232,6 +235,7 @@ class Processor:
         """Drop in-memory state of partitions this worker no longer owns (rebuilt on reassignment)."""
         for partition in partitions:
             self._due.pop(partition, None)
+            self._scheduled.pop(partition, None)
             self._advanced_at.pop(partition, None)
             self._counts.pop(partition, None)
         self._publish_gauges()
@@ -243,6 +247,7 @@ class Processor:
         if partition in self._due:
             return
         heap: list[tuple[int, str]] = []
+        scheduled: dict[str, int] = {}
         counts = _Counts()
         for userid in self._keys_of_partition(partition):
             if not is_user_key(userid):
@@ -254,8 +259,10 @@ class Processor:
             due = presence.next_sweep_at(record, self._config)
             if due is not None:
                 heap.append((due, userid))
+                scheduled[userid] = due
         heapq.heapify(heap)
         self._due[partition] = heap
+        self._scheduled[partition] = scheduled
         self._counts[partition] = counts
         self._publish_gauges()
 
@@ -272,11 +279,20 @@ class Processor:
                 counts.add(new, 1)
         if new is None:
             self._table.pop(userid, None)
+            self._schedule(partition, userid, None)
             return
         self._table[userid] = encode_record(new, applied)
-        due = presence.next_sweep_at(new, self._config)
+        self._schedule(partition, userid, presence.next_sweep_at(new, self._config))
+
+    def _schedule(self, partition: int, userid: str, due: int | None) -> None:
         heap = self._due.get(partition)
-        if due is not None and heap is not None:
+        scheduled = self._scheduled.get(partition)
+        if heap is None or scheduled is None:
+            return
+        if due is None:
+            scheduled.pop(userid, None)
+        elif scheduled.get(userid) != due:
+            scheduled[userid] = due
             heapq.heappush(heap, (due, userid))
 
     def _emit(
@@ -311,13 +327,17 @@ class Processor:
         self, partition: int, stream_time: int, now_ms: int, source: str, holds_only: bool = False
     ) -> list[Outgoing]:
         heap = self._due.get(partition)
+        scheduled = self._scheduled.get(partition)
         out: list[Outgoing] = []
-        if not heap:
+        if not heap or scheduled is None:
             return out
         budget = self._sweep_batch
         deferred: list[tuple[int, str]] = []
         while heap and heap[0][0] <= stream_time and budget > 0:
-            _, userid = heapq.heappop(heap)
+            entry_due, userid = heapq.heappop(heap)
+            if scheduled.get(userid) != entry_due:
+                continue  # superseded by a later write
+            del scheduled[userid]
             record, applied = decode_stored(self._table.get(userid))
             if record is None:
                 continue
@@ -328,8 +348,8 @@ class Processor:
                 deferred.append((due, userid))
                 continue
             if due > stream_time:
-                # The entry was stale (the record moved on since it was indexed): file it at its real time.
-                heapq.heappush(heap, (due, userid))
+                # The index was behind the record: file it at its real time.
+                self._schedule(partition, userid, due)
                 continue
             budget -= 1
             new, result = presence.sweep(record, stream_time, self._config, source)
@@ -343,8 +363,8 @@ class Processor:
                 self._write(partition, userid, record, new, applied)
             self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
                        None)  # fmt: skip
-        for entry in deferred:
-            heapq.heappush(heap, entry)
+        for due, userid in deferred:
+            self._schedule(partition, userid, due)
         return out
 
     def publish_gauges(self) -> None:

@@ -182,3 +182,16 @@ def test_gauges_follow_the_records() -> None:
     assert h.metrics.users._value.get() == 2
     assert h.metrics.online_users._value.get() == 1
     assert h.metrics.online_sessions.labels("iOS")._value.get() == 1
+
+
+def test_s6_the_sweep_index_keeps_one_live_entry_per_user_however_often_it_is_written() -> None:
+    config = PresenceConfig(ended_session_retention_ms=MINUTE_MS)
+    h = Harness(config)
+    for n in range(300):
+        h.send("busy", f"s{n}", 0, T + 10 * n)
+        h.send("busy", f"s{n}", 1, T + 10 * n + 5)
+    # Stream time passes every due time written so far: each stale entry is dropped, not filed again.
+    h.send("other", "x", 0, T + 10 * MINUTE_MS)
+    heap = h.processor._due[0]
+    assert len([entry for entry in heap if entry[1] == "busy"]) <= 1
+    assert orjson.loads(h.table["busy"])["sessions"] == {}
