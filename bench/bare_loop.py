@@ -68,8 +68,7 @@ async def run(args: argparse.Namespace) -> None:
     await producer.start()
     await consumer.start()
     table = ChangelogTable(producer, args.changelog)
-    times = ChangelogTable(producer, args.changelog + "-stream-time")
-    processor = Processor(table, times, PresenceConfig(), lambda _p: ())
+    processor = Processor(table, PresenceConfig(), lambda _p: ())
     topics = {"transitions": args.transitions, "state": args.state, "dlq": args.state}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,16 +81,13 @@ async def run(args: argparse.Namespace) -> None:
             batch = await consumer.getmany(timeout_ms=100, max_records=5000)
             for tp, messages in batch.items():
                 partition = tp.partition
-                table.partition = times.partition = partition
+                table.partition = partition
                 for message in messages:
                     now = time.time_ns() // 1_000_000
                     outgoing = processor.on_raw(partition, message.offset, message.key, message.value, now)
                     for key, value, part in table.pending:
                         await send(args.changelog, key=key, value=value, partition=part)
-                    for key, value, part in times.pending:
-                        await send(args.changelog + "-stream-time", key=key, value=value, partition=part)
                     table.pending.clear()
-                    times.pending.clear()
                     for out in outgoing:
                         await send(topics[out.topic], key=out.key, value=out.value)
             if time.monotonic() >= next_commit:

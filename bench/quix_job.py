@@ -25,7 +25,7 @@ from quixstreams.state import State
 from quixstreams.state.rocksdb import RocksDBOptions
 
 from streams.presence import PresenceConfig
-from streams.processor import Outgoing, Processor
+from streams.processor import Outgoing, Processor, is_user_key
 
 _RECORD = "record"
 
@@ -35,8 +35,12 @@ class StateTable(MutableMapping[str, Any]):
 
     def __init__(self) -> None:
         self.state: State[Any, Any] | None = None
+        # The processor's per-partition keys (stream time) are no user's: kept in memory, not in a user's state.
+        self.partition_keys: dict[str, Any] = {}
 
     def get(self, key: str, default: Any = None) -> Any:
+        if not is_user_key(key):
+            return self.partition_keys.get(key, default)
         assert self.state is not None
         return self.state.get(_RECORD, default)
 
@@ -47,6 +51,9 @@ class StateTable(MutableMapping[str, Any]):
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
+        if not is_user_key(key):
+            self.partition_keys[key] = value
+            return
         assert self.state is not None
         self.state.set(_RECORD, value)
 
@@ -97,7 +104,7 @@ def main() -> None:
     }
     out["dlq"] = out["state"]
     table = StateTable()
-    processor = Processor(table, {}, PresenceConfig(), lambda _p: ())
+    processor = Processor(table, PresenceConfig(), lambda _p: ())
 
     def handle(
         value: bytes, key: bytes, timestamp: int, headers: Any, state: State[Any, Any]

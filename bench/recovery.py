@@ -40,7 +40,6 @@ from bench.kafka_tools import produce, produce_to
 from bench.traffic import raw_event
 from bench.worker import PARTITIONS, _settings, faust_worker
 from presence.topics import ensure_topics
-from streams import app as streams_app
 from streams.app import USERS_TABLE, partition_of
 from streams.config import WorkerSettings
 from streams.main import worker_topics
@@ -64,7 +63,7 @@ def template_record() -> bytes:
                       START_MS + index, f"0@{index}")  # fmt: skip
         record, _result = apply(record, event, START_MS, config)
     assert record is not None
-    return encode_record(record)
+    return encode_record(record, applied_offset=1, stream_time=START_MS + 1)
 
 
 def table_records(users: int) -> Any:
@@ -150,10 +149,6 @@ def prepare(ws: Workspace, users: int, app_id: str) -> tuple[WorkerSettings, dic
     asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
     started = time.monotonic()
     count = produce_to(ws.bootstrap, f"{app_id}-{USERS_TABLE}-changelog", table_records(users))
-    stream_time_table = getattr(streams_app, "STREAM_TIME_TABLE", None)
-    if stream_time_table is not None:  # workers that keep stream time in a table of its own
-        produce_to(ws.bootstrap, f"{app_id}-{stream_time_table}-changelog",
-                   ((p, str(p).encode(), orjson.dumps(START_MS + 10)) for p in range(PARTITIONS)))  # fmt: skip
     seconds = time.monotonic() - started
     say(f"{count:,} table records on the changelog in {seconds:.1f} s")
     return settings, {

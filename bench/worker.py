@@ -144,7 +144,6 @@ def run(smoke: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
                     bare,
                     extra=[
                         TopicSpec(changelog, PARTITIONS, 1, compact),
-                        TopicSpec(changelog + "-stream-time", PARTITIONS, 1, compact),
                     ],
                 )
             )

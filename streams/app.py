@@ -17,7 +17,7 @@ import hmac
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -80,26 +80,6 @@ class Worker:
     last_processed: dict[int, tuple[int, float]] = field(default_factory=dict)
 
 
-class _KeysByPartition:
-    """Groups the table's local keys by partition, once per assignment (the due index needs them)."""
-
-    def __init__(self, table: Any, partitions: int) -> None:
-        self._table = table
-        self._partitions = partitions
-        self._grouped: dict[int, list[str]] | None = None
-
-    def reset(self) -> None:
-        self._grouped = None
-
-    def __call__(self, partition: int) -> Iterable[str]:
-        if self._grouped is None:
-            grouped: dict[int, list[str]] = defaultdict(list)
-            for key in self._table.keys():
-                grouped[partition_of(key.encode(), self._partitions)].append(key)
-            self._grouped = grouped
-        return self._grouped.pop(partition, [])
-
-
 def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> Worker:
     """Build the worker's Faust app from settings."""
     faust_fixes.install()
@@ -128,6 +108,10 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         broker_commit_interval=settings.worker_commit_interval_seconds,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # A few milliseconds of batching turn the three or four messages of every event into shared produce
+        # requests; without it the client sends a request per message.
+        producer_linger=settings.worker_producer_linger_ms / 1000,
+        producer_max_batch_size=256 * 1024,
         processing_guarantee="at_least_once",
         table_standby_replicas=1,
         # Recovery waits on the changelog; a worker must not flip to processing with a half-restored table.
@@ -173,22 +157,21 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     users.key_serializer = "raw"
     users.value_serializer = "raw"
     users.changelog_topic = users._new_changelog_topic()
-    keys_by_partition = _KeysByPartition(_StrKeys(users), settings.topic_partitions)
     table = _StrTable(users)
     processor = Processor(
-        table,
-        # Stream times live in the users table itself, so they are restored together with the records.
-        table,
-        settings.presence_config(),
-        keys_by_partition,
-        metrics,
-        settings.worker_sweep_batch,
+        table, settings.presence_config(), _records_of_partition(users), metrics, settings.worker_sweep_batch
     )
     worker = Worker(app, settings, metrics, processor)
+    out_topic_names = {name: topic.get_topic_name() for name, topic in out_topics.items()}
 
     async def send_all(outgoing: list[Outgoing]) -> None:
+        # Straight to the Kafka client: Faust's Topic.send costs several times the client's own send per
+        # message. Each send is held against the next offset commit like the table's changelog writes.
+        producer: Any = app.producer
+        client = producer._ensure_producer()
         for message in outgoing:
-            await out_topics[message.topic].send(key=message.key, value=message.value)
+            sent = await client.send(out_topic_names[message.topic], message.value, key=message.key)
+            faust_fixes.hold_commit_until_acked(producer, sent)
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:
@@ -229,8 +212,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
 
     @signals.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
     async def on_assigned(sender: Any, assigned: Iterable[Any], **kwargs: Any) -> None:
-        # The due index and gauges are rebuilt lazily from the (recovered) table for each owned partition.
-        keys_by_partition.reset()
+        # Stream time, due index and gauges are rebuilt lazily from the (recovered) table per owned partition.
         processor.forget_all()
         owned = sorted(tp.partition for tp in assigned if tp.topic == settings.topic_raw)
         metrics.assigned_partitions.set(len(owned))
@@ -288,17 +270,38 @@ def _committed(app: Any, tp: Any) -> int:
     return int(offset) + 1 if offset is not None else 0
 
 
+def _records_of_partition(users: Any) -> Callable[[int], Iterator[tuple[str, bytes]]]:
+    """One partition's (key, value) pairs, read straight from that partition's RocksDB.
+
+    Faust's own iteration covers every partition's database and a lookup per key would follow; this is one
+    sequential scan of the partition asked for.
+    """
+
+    def records(partition: int) -> Iterator[tuple[str, bytes]]:
+        store = users.data
+        for key, value in store._visible_items(store._db_for_partition(partition)):
+            yield key.decode(), value
+
+    return records
+
+
 class _StrTable(MutableMapping[str, Any]):
-    """A Faust table seen as a plain ``MutableMapping[str, V]`` (keys stored as UTF-8 bytes)."""
+    """A Faust table seen as a plain ``MutableMapping[str, V]`` (keys stored as UTF-8 bytes).
+
+    Reads go to the store: the table's own ``get`` looks a key up twice (``in``, then ``[]``). Writes go through
+    the table, which also sends them to the changelog.
+    """
 
     def __init__(self, table: Any) -> None:
         self._table = table
+        self._store = table.data
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self._table.get(key.encode(), default)
+        value = self._store.get(key.encode())
+        return default if value is None else value
 
     def __getitem__(self, key: str) -> Any:
-        value = self._table.get(key.encode())
+        value = self._store.get(key.encode())
         if value is None:
             raise KeyError(key)
         return value
@@ -310,7 +313,7 @@ class _StrTable(MutableMapping[str, Any]):
         del self._table[key.encode()]
 
     def pop(self, key: str, default: Any = None) -> Any:
-        value = self._table.get(key.encode())
+        value = self.get(key)
         if value is None:
             return default
         del self._table[key.encode()]
@@ -323,15 +326,7 @@ class _StrTable(MutableMapping[str, Any]):
         return len(self._table)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.encode() in self._table
-
-
-class _StrKeys:
-    def __init__(self, table: Any) -> None:
-        self._table = table
-
-    def keys(self) -> Iterator[str]:
-        return (key.decode() if isinstance(key, bytes) else str(key) for key in self._table.keys())
+        return isinstance(key, str) and self.get(key) is not None
 
 
 def _register_views(worker: Worker, users: Any) -> None:

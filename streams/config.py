@@ -46,6 +46,9 @@ class WorkerSettings(CommonSettings):
     worker_session_timeout_seconds: float = Field(default=30, gt=0)
     worker_heartbeat_interval_seconds: float = Field(default=3, gt=0)
     worker_commit_interval_seconds: float = Field(default=2.0, gt=0)
+    worker_producer_linger_ms: int = Field(
+        default=5, ge=0, le=1000, description="How long the worker's producer waits to fill a batch."
+    )
     # RocksDB sizes apply per partition: Faust's defaults (2 GiB block cache each) would let 12 partitions ask
     # for 24 GiB.
     worker_rocksdb_block_cache_bytes: int = Field(default=32 * 1024**2, ge=1024**2)

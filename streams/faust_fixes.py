@@ -45,3 +45,14 @@ def install() -> None:
     ProducerBuffer.put = put  # type: ignore[method-assign]
     ProducerBuffer.flush = flush  # type: ignore[method-assign]
     ProducerBuffer._presence_fixed = True  # type: ignore[attr-defined]
+
+
+def hold_commit_until_acked(producer: Any, sent: asyncio.Future[Any]) -> None:
+    """Make the next offset commit wait for ``sent`` (a message handed to the Kafka client directly).
+
+    The client's own flush, which Faust also calls before a commit, waits for delivery but not for success; the
+    patched ``flush`` awaits ``sent`` and so raises if it failed.
+    """
+    unacked: set[Any] = producer.buffer.__dict__.setdefault(_UNACKED, set())
+    unacked.add(sent)
+    sent.add_done_callback(unacked.discard)

@@ -1,13 +1,18 @@
 """Between Faust and the pure state machine: decode, apply, write the table, say what to send.
 
-Kept free of Faust so it can be tested with plain dicts: the glue in :mod:`streams.agents` hands it the table (a
-mutable mapping of userid to encoded record), the per-partition stream times and the current wall clock, and
-sends the :class:`Outgoing` messages it returns, in order.
+Kept free of Faust so it can be tested with plain dicts: the glue in :mod:`streams.app` hands it the table (a
+mutable mapping of userid to encoded record), a way to list one partition's records, and the current wall
+clock, and sends the :class:`Outgoing` messages it returns, in order.
 
 Sweeps (S6 retention, S8 releases) run from the stream: after each message the partition's users whose
 ``next_sweep_at`` has been reached by stream time are swept, a bounded number per message. An in-memory index
 (a heap of due times) finds them; it is rebuilt from the table when the partition is (re)assigned, so it is
 safe under rebalance, and it is only a hint: every popped entry is checked against the record itself.
+
+Stream time per partition is kept in memory and stored with every record the partition writes (``"t"``), so it
+costs no write of its own: the restored stream time is the largest one among the restored records, read while
+the index is rebuilt. A record deleted by a sweep takes its stream time with it, so before a deletion the
+partition's stream time is also written under a reserved key.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -47,28 +52,44 @@ class InvalidRaw(ValueError):
 # The table value is the record plus "o": the newest RAW offset applied to it. A user lives in one partition,
 # so a message at or below that offset is one the record already reflects: a redelivery (S10).
 _APPLIED = "o"
-# Stream time per partition is stored in the same table (and so in the same changelog partition, in order with
-# the records) under keys no userid can take (userids are at most 64 characters): after a crash the restored
-# stream time always belongs to the restored records.
+# ... and "t": the partition's stream time when the record was written. Every applied message writes its user's
+# record, in the same changelog partition and in order, so after a crash the largest "t" among the restored
+# records is the stream time that belongs to them.
+_STREAM_TIME = "t"
+# Before a sweep deletes a record, the stream time is also written under a key no userid can take (userids are
+# at most 64 characters), so the deleted record's "t" is not lost with it.
 STREAM_TIME_KEY = "~" * 65 + "stream-time/"
 MAX_USERID = 64
 
 
-def decode_stored(value: bytes | None) -> tuple[UserRecord | None, int]:
-    """The record and the newest RAW offset applied to it (-1 when unknown)."""
+class Stored(NamedTuple):
+    """A table value decoded: the record, the newest RAW offset applied to it, the stream time it was written at."""
+
+    record: UserRecord | None
+    applied: int
+    stream_time: int
+
+
+_NOTHING = Stored(None, -1, 0)
+
+
+def decode_stored(value: bytes | None) -> Stored:
     if value is None:
-        return None, -1
+        return _NOTHING
     data = orjson.loads(value)
-    return presence.record_from_dict(data), int(data.get(_APPLIED, -1))
+    return Stored(
+        presence.record_from_dict(data), int(data.get(_APPLIED, -1)), int(data.get(_STREAM_TIME, 0))
+    )
 
 
 def decode_record(value: bytes | None) -> UserRecord | None:
-    return decode_stored(value)[0]
+    return decode_stored(value).record
 
 
-def encode_record(record: UserRecord, applied_offset: int = -1) -> bytes:
+def encode_record(record: UserRecord, applied_offset: int = -1, stream_time: int = 0) -> bytes:
     data = presence.record_to_dict(record)
     data[_APPLIED] = applied_offset
+    data[_STREAM_TIME] = stream_time
     return orjson.dumps(data)
 
 
@@ -140,19 +161,19 @@ class Processor:
     def __init__(
         self,
         table: MutableMapping[str, Any],
-        stream_times: MutableMapping[str, Any],
         config: PresenceConfig,
-        keys_of_partition: Callable[[int], Iterable[str]],
+        records_of_partition: Callable[[int], Iterable[tuple[str, bytes]]],
         metrics: WorkerMetrics | None = None,
         sweep_batch: int = 1000,
     ) -> None:
+        """``records_of_partition(p)`` lists the table's (key, value) pairs of partition ``p``."""
         self._table = table
-        self._stream_times = stream_times
         self._config = config
-        self._keys_of_partition = keys_of_partition
+        self._records_of_partition = records_of_partition
         self._metrics = metrics
         self._sweep_batch = sweep_batch
         self._due: dict[int, list[tuple[int, str]]] = {}
+        self._stream_time: dict[int, int] = {}
         # The one due time that counts per user: heap entries that disagree with it are stale and skipped, so
         # the heap holds about one entry per user instead of one per write.
         self._scheduled: dict[int, dict[str, int]] = {}
@@ -178,16 +199,15 @@ class Processor:
                 self._metrics.dead_letters.labels(exc.reason).inc()
             return [dead_letter(exc.reason, str(exc), key, value, now_ms)]
         self._ensure_index(partition)
-        stream_time = self.stream_time(partition)
+        stream_time = self._stream_time[partition]
         if event.time > stream_time:
-            # Bytes like every value of the (raw-serialized) table it is stored in.
-            self._stream_times[f"{STREAM_TIME_KEY}{partition}"] = str(event.time).encode()
+            self._stream_time[partition] = event.time
             self._advanced_at[partition] = now_ms
             if self._metrics:
                 self._metrics.stream_time_seconds.labels(str(partition)).set(event.time / 1000)
 
         userid = event.userid
-        old, applied = decode_stored(self._table.get(userid))
+        old, applied, _ = decode_stored(self._table.get(userid))
         if old is not None and offset <= applied:
             # Already applied (a redelivery after a crash or rebalance): applying it again could re-create a
             # session S6 has dropped since. Re-send what it caused, and write the record again: the first
@@ -195,6 +215,7 @@ class Processor:
             new, result = old, presence.redelivered(old, event)
             self._write(partition, userid, old, new, applied)
         else:
+            # Rules see the stream time from before this event: an event does not make itself late.
             new, result = presence.apply(old, event, stream_time, self._config)
             # Every applied message is recorded in the record's applied offset, duplicates and stale ones too.
             self._write(partition, userid, old, new, offset)
@@ -222,12 +243,13 @@ class Processor:
         if idle < grace:
             return []
         return self._sweep_due(
-            partition, self.stream_time(partition) + idle, now_ms, f"{partition}@{offset}", holds_only=True
+            partition, self._stream_time[partition] + idle, now_ms, f"{partition}@{offset}", holds_only=True
         )
 
     def stream_time(self, partition: int) -> int:
-        stored = self._stream_times.get(f"{STREAM_TIME_KEY}{partition}")
-        return int(stored) if stored else 0
+        """The largest event time applied on ``partition`` (restored from the table after a restart)."""
+        self._ensure_index(partition)
+        return self._stream_time[partition]
 
     # --- rebalance ------------------------------------------------------------------------------------------
 
@@ -235,6 +257,7 @@ class Processor:
         """Drop in-memory state of partitions this worker no longer owns (rebuilt on reassignment)."""
         for partition in partitions:
             self._due.pop(partition, None)
+            self._stream_time.pop(partition, None)
             self._scheduled.pop(partition, None)
             self._advanced_at.pop(partition, None)
             self._counts.pop(partition, None)
@@ -249,18 +272,23 @@ class Processor:
         heap: list[tuple[int, str]] = []
         scheduled: dict[str, int] = {}
         counts = _Counts()
-        for userid in self._keys_of_partition(partition):
+        stored_time = self._table.get(f"{STREAM_TIME_KEY}{partition}")
+        stream_time = int(stored_time) if stored_time else 0
+        # One pass over the partition's records: sweep index, gauges and the stream time they were written at.
+        for userid, value in self._records_of_partition(partition):
             if not is_user_key(userid):
                 continue
-            record = decode_record(self._table.get(userid))
+            record, _, written_at = decode_stored(value)
             if record is None:
                 continue
+            stream_time = max(stream_time, written_at)
             counts.add(record, 1)
             due = presence.next_sweep_at(record, self._config)
             if due is not None:
                 heap.append((due, userid))
                 scheduled[userid] = due
         heapq.heapify(heap)
+        self._stream_time[partition] = stream_time
         self._due[partition] = heap
         self._scheduled[partition] = scheduled
         self._counts[partition] = counts
@@ -277,11 +305,14 @@ class Processor:
                 counts.add(old, -1)
             if new is not None:
                 counts.add(new, 1)
+        stream_time = self._stream_time[partition]
         if new is None:
+            # The deleted record's "t" may be the partition's largest: keep the stream time (see module doc).
+            self._table[f"{STREAM_TIME_KEY}{partition}"] = str(stream_time).encode()
             self._table.pop(userid, None)
             self._schedule(partition, userid, None)
             return
-        self._table[userid] = encode_record(new, applied)
+        self._table[userid] = encode_record(new, applied, stream_time)
         self._schedule(partition, userid, presence.next_sweep_at(new, self._config))
 
     def _schedule(self, partition: int, userid: str, due: int | None) -> None:
@@ -338,7 +369,7 @@ class Processor:
             if scheduled.get(userid) != entry_due:
                 continue  # superseded by a later write
             del scheduled[userid]
-            record, applied = decode_stored(self._table.get(userid))
+            record, applied, _ = decode_stored(self._table.get(userid))
             if record is None:
                 continue
             due = presence.next_sweep_at(record, self._config)

@@ -227,9 +227,12 @@ def model_run(
 ) -> dict[str, Any]:
     """The uninterrupted run: the same processor over RAW in partition order, with plain dicts."""
     table: dict[str, Any] = {}
-    stream_times: dict[str, Any] = {}
-    by_partition: dict[int, list[str]] = defaultdict(list)
-    processor = Processor(table, stream_times, config or PresenceConfig(), lambda p: list(by_partition[p]))
+    by_partition: dict[int, set[str]] = defaultdict(set)
+
+    def records_of_partition(partition: int) -> list[tuple[str, bytes]]:
+        return [(key, table[key]) for key in by_partition[partition] if key in table]
+
+    processor = Processor(table, config or PresenceConfig(), records_of_partition)
     transitions: dict[str, list[dict[str, Any]]] = defaultdict(list)
     state: dict[str, dict[str, Any] | None] = {}
     for partition, offset, key, value in raw:
@@ -241,7 +244,7 @@ def model_run(
             elif out.topic == "state":
                 state[out.key.decode() if out.key else ""] = orjson.loads(out.value) if out.value else None
         if key is not None:
-            by_partition[partition].append(key.decode())
+            by_partition[partition].add(key.decode())
     return {"transitions": transitions, "state": state}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import orjson
@@ -22,16 +21,12 @@ def raw(userid: str, session: str, status: int, at: int, **extra: Any) -> bytes:
 class Harness:
     def __init__(self, config: PresenceConfig | None = None) -> None:
         self.table: dict[str, Any] = {}
-        self.stream_times: dict[str, Any] = {}
-        self.keys: dict[int, list[str]] = defaultdict(list)
         self.metrics = WorkerMetrics()
+        # Every test user lives in partition 0.
         self.processor = Processor(
-            self.table,
-            self.stream_times,
-            config or PresenceConfig(),
-            lambda p: list(self.keys[p]),
+            self.table, config or PresenceConfig(), lambda p: list(self.table.items()) if p == 0 else [],
             self.metrics,
-        )
+        )  # fmt: skip
         self.offset = 0
 
     def send(
@@ -132,7 +127,25 @@ def test_stream_time_is_the_largest_event_time_seen_on_the_partition() -> None:
     h.send("a", "s", 0, T + 500)
     h.send("b", "s", 0, T)  # older, from another user: stream time does not go back
     assert h.processor.stream_time(0) == T + 500
-    assert h.stream_times == {f"{STREAM_TIME_KEY}0": str(T + 500).encode()}
+
+
+def test_stream_time_is_restored_from_the_records_and_survives_deleting_the_newest() -> None:
+    config = PresenceConfig(ended_session_retention_ms=MINUTE_MS, user_retention_ms=10 * MINUTE_MS)
+    h = Harness(config)
+    h.send("a", "s", 0, T)
+    h.send("b", "s", 0, T + 500)
+    # A restarted worker (same table, new processor) finds the stream time in the records.
+    again = Processor(h.table, config, lambda p: list(h.table.items()))
+    assert again.stream_time(0) == T + 500
+    # b logs out and is deleted once idle past user retention; the stream time must outlive b's record.
+    h.send("b", "s", 2, T + 600)
+    h.send("a", "s", 2, T + 700)
+    h.send("c", "s", 0, T + 11 * MINUTE_MS)
+    assert "b" not in h.table and "a" not in h.table
+    del h.table["c"]  # as if c's write had not reached the changelog before a crash
+    again = Processor(h.table, config, lambda p: list(h.table.items()))
+    assert again.stream_time(0) == T + 11 * MINUTE_MS
+    assert h.table[f"{STREAM_TIME_KEY}0"] == str(T + 11 * MINUTE_MS).encode()
 
 
 def test_s6_ended_sessions_are_dropped_and_idle_users_deleted_in_stream_time() -> None:
