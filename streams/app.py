@@ -168,6 +168,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         # Straight to the Kafka client: Faust's Topic.send costs several times the client's own send per
         # message. Each send is held against the next offset commit like the table's changelog writes.
         producer: Any = app.producer
+        await table.flush_changelog(producer)
         client = producer._ensure_producer()
         for message in outgoing:
             sent = await client.send(out_topic_names[message.topic], message.value, key=message.key)
@@ -178,6 +179,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         async for event in stream.events():
             message = event.message
             now = _now_ms()
+            table.partition = message.partition
             try:
                 if message.topic == settings.ticks_topic:
                     outgoing = processor.on_tick(message.partition, message.offset, now)
@@ -286,15 +288,20 @@ def _records_of_partition(users: Any) -> Callable[[int], Iterator[tuple[str, byt
 
 
 class _StrTable(MutableMapping[str, Any]):
-    """A Faust table seen as a plain ``MutableMapping[str, V]`` (keys stored as UTF-8 bytes).
+    """The users table seen as a plain ``MutableMapping[str, bytes]`` (keys stored as UTF-8 bytes).
 
-    Reads go to the store: the table's own ``get`` looks a key up twice (``in``, then ``[]``). Writes go through
-    the table, which also sends them to the changelog.
+    Faust's table would send every write through its producer buffer and look every key up twice; this does
+    what a table write does, directly: write the partition's RocksDB, queue the changelog message (sent by
+    :meth:`flush_changelog` after each message, held against the next offset commit), and record the changelog
+    offset in RocksDB once Kafka acknowledges it, which is where a warm restart resumes reading. The partition
+    is the one of the message being processed (``partition``), as in Faust.
     """
 
     def __init__(self, table: Any) -> None:
         self._table = table
         self._store = table.data
+        self.partition = 0
+        self._pending: list[tuple[bytes, bytes | None, int]] = []
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self._store.get(key.encode())
@@ -307,16 +314,22 @@ class _StrTable(MutableMapping[str, Any]):
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._table[key.encode()] = value
+        raw = key.encode()
+        self._store._db_for_partition(self.partition).put(raw, value)
+        self._store._key_index[raw] = self.partition
+        self._pending.append((raw, value, self.partition))
 
     def __delitem__(self, key: str) -> None:
-        del self._table[key.encode()]
+        raw = key.encode()
+        self._store._db_for_partition(self.partition).delete(raw)
+        self._store._key_index.pop(raw, None)
+        self._pending.append((raw, None, self.partition))
 
     def pop(self, key: str, default: Any = None) -> Any:
         value = self.get(key)
         if value is None:
             return default
-        del self._table[key.encode()]
+        del self[key]
         return value
 
     def __iter__(self) -> Iterator[str]:
@@ -327,6 +340,22 @@ class _StrTable(MutableMapping[str, Any]):
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key) is not None
+
+    async def flush_changelog(self, producer: Any) -> None:
+        if not self._pending:
+            return
+        client = producer._ensure_producer()
+        topic = self._table.changelog_topic.get_topic_name()
+        for key, value, partition in self._pending:
+            sent = await client.send(topic, value, key=key, partition=partition)
+            faust_fixes.hold_commit_until_acked(producer, sent)
+            sent.add_done_callback(self._persist_offset)
+        self._pending.clear()
+
+    def _persist_offset(self, sent: Any) -> None:
+        if not sent.cancelled() and sent.exception() is None:
+            metadata = sent.result()
+            self._store.set_persisted_offset(metadata.topic_partition, metadata.offset)
 
 
 def _register_views(worker: Worker, users: Any) -> None:
