@@ -25,7 +25,6 @@ from bench.common import (
     python_module,
     say,
     table,
-    wait_until,
     workspace,
     write_results,
 )
@@ -35,6 +34,7 @@ from bench.recovery import ready
 from bench.traffic import APP_KEY, APP_SECRET, PLATFORMS, signed_path, webhook_event
 from bench.worker import PARTITIONS, _settings, faust_worker
 from presence.localkafka import free_port
+from presence.polling import wait_until
 from presence.topics import ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics

@@ -27,13 +27,13 @@ from bench.common import (
     ratio,
     say,
     table,
-    wait_until,
     workspace,
     write_results,
 )
 from bench.plot import line_chart
 from bench.traffic import APP_KEY, APP_SECRET, request_pool
 from presence.localkafka import free_port
+from presence.polling import wait_until
 from presence.settings import CommonSettings
 from presence.topics import ensure_topics
 

@@ -32,13 +32,13 @@ from bench.common import (
     rss_bytes,
     say,
     table,
-    wait_until,
     workspace,
 )
 from bench.common import write_results as _write
 from bench.kafka_tools import produce, produce_to
 from bench.traffic import raw_event
 from bench.worker import PARTITIONS, _settings, faust_worker
+from presence.polling import wait_until
 from presence.topics import ensure_topics
 from streams.app import USERS_TABLE, partition_of
 from streams.config import WorkerSettings

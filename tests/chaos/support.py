@@ -22,7 +22,8 @@ import orjson
 
 from gateway.signing import compute_signature
 from presence.localkafka import free_port
-from tests.integration.streams.harness import read_topic, wait_until
+from presence.polling import wait_until
+from tests.integration.streams.harness import read_topic
 
 APP_KEY = "chaos-app"
 SECRET = "chaos-secret-0001"

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from presence.polling import wait_until
 from presence.settings import CommonSettings
 from presence.topics import ensure_topics
-from tests.integration.streams.harness import wait_until
 
 from .conftest import knob
 from .report import Report

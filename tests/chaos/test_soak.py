@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from presence.polling import wait_until
 from presence.topics import ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics
-from tests.integration.streams.harness import WorkerProcess, wait_until, worker_env
+from tests.integration.streams.harness import WorkerProcess, worker_env
 
 from .conftest import knob, long_mode
 from .report import Report
@@ -102,7 +103,7 @@ def test_soak_steady_load_memory_flat_nothing_lost(
         try:
             wait_until(lambda: _lag(worker) == 0, 120, "the worker to catch up (lag 0)", interval=1.0)
             catch_up = f"{time.monotonic() - caught_up:.1f} s"
-        except AssertionError:
+        except TimeoutError:
             catch_up = f"not within 120 s (lag {_lag(worker):.0f})"
         delivery = check_delivery(ledger, raw_events(kafka_bootstrap, values["topic_raw"]))
         warmup = int(warmup_seconds / SAMPLE_SECONDS)

@@ -17,12 +17,13 @@ import orjson
 import pytest
 
 from gateway.config import GatewaySettings
+from presence.polling import wait_until
 from presence.topics import ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 
 from .gateway.conftest import APP_KEY, SECRET, GatewayServer, signed_query
-from .streams.harness import WorkerProcess, read_topic, validator, wait_until, worker_env
+from .streams.harness import WorkerProcess, read_topic, validator, worker_env
 
 T = (time.time_ns() // 1_000_000) - 120_000
 

@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaProducer
 
 from gateway.signing import compute_signature
 from presence.localkafka import free_port
+from presence.polling import wait_until
 from tests.ops.promql import ALERTS, alert_rules, expand_grafana, panel_queries, selectors
 
 pytestmark = [pytest.mark.ops, pytest.mark.integration]
@@ -36,17 +37,6 @@ APP_KEY = "scrape-app"
 SECRET = "scrape-secret-1"
 # Longer than the whole test: a rate over it covers every sample, so quantiles and ratios are finite.
 RATE_WINDOW = "5m"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Service:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from presence.localkafka import free_port
-from tests.integration.streams.harness import wait_until
+from presence.polling import wait_until
 
 SECRET = "cli-test-secret-1"
 APP_KEY = "cli-test-app"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import orjson
 
-from tests.integration.streams.harness import read_topic, validator, wait_until
+from presence.polling import wait_until
+from tests.integration.streams.harness import read_topic, validator
 
 from .conftest import SECRET, Up, presence
 

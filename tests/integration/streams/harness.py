@@ -9,9 +9,8 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
 
 from presence.localkafka import free_port
+from presence.polling import wait_until
 from streams.presence import PresenceConfig
 from streams.processor import Processor
 
@@ -30,18 +30,6 @@ SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 
 def validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads((SCHEMAS / name).read_text()))
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
