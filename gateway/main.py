@@ -354,9 +354,8 @@ async def _webhook(request: Request) -> Response:
 
     too_large: bytes | None = None
     try:
-        body = await asyncio.wait_for(
-            _read_body(request, settings.gateway_max_body_bytes), max(0.1, deadline - time.monotonic())
-        )
+        async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+            body = await _read_body(request, settings.gateway_max_body_bytes)
     except _BodyTooLarge as exc:
         body, too_large = exc.prefix, exc.prefix
     except (TimeoutError, ClientDisconnect):
