@@ -337,17 +337,22 @@ class Publisher:
             # (a timeout context rather than wait_for: no extra task per request).
             async with asyncio.timeout(timeout):
                 for record in records:
-                    future = await producer.send(record.topic, value=record.value, key=record.key)
-                    future.add_done_callback(_consume_exception)
-                    futures.append(future)
-                if futures:
-                    await asyncio.wait(futures)
+                    futures.append(await producer.send(record.topic, value=record.value, key=record.key))
+                for future in futures:
+                    # One at a time: the records of a request mostly share a batch, so after the first
+                    # acknowledgement the rest are done too. asyncio.wait neither raises nor cancels the
+                    # client's future on timeout.
+                    if not future.done():
+                        await asyncio.wait((future,))
         except TimeoutError:
             kind = "timeout"
         except Exception as exc:  # noqa: BLE001 - whatever the client raises, the records still go to the spool
             kind = "kafka_error"
             log.warning("kafka refused a publish", extra={"error": repr(exc), "source": source})
 
+        for future in futures:
+            if not future.done():
+                future.add_done_callback(_consume_exception)
         unacked = [
             record
             for index, record in enumerate(records)
