@@ -196,11 +196,15 @@ def parse_body(
         if isinstance(problem, str):
             userid = element.get("userid") if isinstance(element, dict) else None
             key = userid if isinstance(userid, str) and 0 < len(userid) <= MAX_USERID_LENGTH else None
+            raw = _element_bytes(element)
+            if raw is None:
+                raw = body
+                problem += "; the element is nested too deeply to write out alone, so raw is the whole body"
             batch.rejects.append(
                 dead_letter(
                     reason=DeadLetterReason.INVALID_ELEMENT,
                     detail=problem,
-                    raw=_element_bytes(element),
+                    raw=raw,
                     receipt=receipt,
                     raw_limit=raw_limit,
                     delivery_id=delivery_id,
@@ -215,11 +219,16 @@ def parse_body(
     return batch
 
 
-def _element_bytes(element: Any) -> bytes:
+def _element_bytes(element: Any) -> bytes | None:
+    """The element as JSON again, or None when it cannot be written out.
+
+    orjson reads up to 1,024 levels of nesting but writes only 255, and ``repr`` of the deepest ones exceeds
+    Python's recursion limit.
+    """
     try:
         return orjson.dumps(element)
-    except TypeError:  # orjson.loads gives nothing dumps refuses today; stay total if that ever changes
-        return repr(element).encode("utf-8", errors="replace")
+    except TypeError:
+        return None
 
 
 def _optional_text(element: dict[str, Any], name: str) -> str | None:

@@ -30,6 +30,8 @@ from streams.presence import PresenceConfig, Transition, UserRecord
 
 OutTopic = Literal["transitions", "state", "dlq"]
 _MAX_RAW_IN_DLQ = 16 * 1024
+# Stale entries the sweep index may hold beyond twice its live ones before it is rebuilt (amortised O(1)).
+_HEAP_SLACK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +327,11 @@ class Processor:
         elif scheduled.get(userid) != due:
             scheduled[userid] = due
             heapq.heappush(heap, (due, userid))
+            if len(heap) > 2 * len(scheduled) + _HEAP_SLACK:
+                # Superseded entries are only dropped when popped, and a due time can lie 30 days ahead
+                # (user retention): rebuild from the live entries before the heap grows with every write.
+                heap[:] = [(when, user) for user, when in scheduled.items()]
+                heapq.heapify(heap)
 
     def _emit(
         self,

@@ -259,3 +259,18 @@ def test_g4_parse_never_raises_and_always_decides(body: bytes) -> None:
     if isinstance(result, BodyError):
         assert result.status_code in (400, 413)
         DLQ.validate(result.dead_letter.value)
+
+
+@pytest.mark.parametrize("depth", [300, 1000, 1023])
+def test_g5_an_element_too_deep_to_write_out_is_dead_lettered_with_the_whole_body(depth: int) -> None:
+    # orjson reads 1,024 levels but writes 255; the deepest also defeat repr. None of it may become a 500.
+    deep = "[" * depth + "1" + "]" * depth
+    body = f'[{{"userid":"good","status":"0","time":{NOW},"sessionId":"s"}},{deep}]'.encode()
+    batch = parse_body(body, receipt=RECEIPT, max_events=100, max_future_ms=300_000, raw_limit=1 << 20)
+    assert isinstance(batch, Batch)
+    assert [e["userid"] for e in batch.events] == ["good"]
+    (letter,) = [r.value for r in batch.rejects]
+    DLQ.validate(letter)
+    assert letter["index"] == 1
+    assert "nested too deeply" in letter["detail"]
+    assert letter["raw"] == body.decode()

@@ -208,3 +208,17 @@ def test_s6_the_sweep_index_keeps_one_live_entry_per_user_however_often_it_is_wr
     heap = h.processor._due[0]
     assert len([entry for entry in heap if entry[1] == "busy"]) <= 1
     assert orjson.loads(h.table["busy"])["sessions"] == {}
+
+
+def test_s6_the_sweep_index_stays_bounded_when_due_times_lie_far_ahead() -> None:
+    # Offline users are due for deletion 30 days after their last event: every event moves that due time, and
+    # the superseded entries are far from being popped. The index must not grow with the number of events.
+    h = Harness()
+    users = 20
+    for n in range(5000):
+        user = f"u{n % users}"
+        h.send(user, "s", n % 2, T + n)
+    heap = h.processor._due[0]
+    assert len(heap) <= 2 * users + 1000, len(heap)
+    # Compacting keeps exactly the live entries.
+    assert {userid for _, userid in heap} >= set(h.processor._scheduled[0])
