@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter
@@ -130,6 +131,9 @@ def create_app(
         if not settings.secrets():
             log.warning("PRESENCE_APP_SECRET is empty: every callback will be refused")
         await publisher.start(connect_timeout=settings.gateway_publish_budget_seconds)
+        # Everything allocated by start-up (FastAPI, pydantic, aiokafka) lives as long as the process: keep it
+        # out of the cyclic collector's full passes, which would otherwise walk it all and stall requests.
+        gc.freeze()
         log.info(
             "gateway started",
             extra={
