@@ -403,8 +403,7 @@ async def _webhook(request: Request) -> Response:
             delivery = await gateway.publisher.publish(records, budget=remaining)
     except Unavailable as exc:
         log.error("cannot accept a callback: kafka unavailable and spool unusable", extra={"error": str(exc)})
-        for status_name, count in Counter(STATUS_NAMES[event["status"]] for event in events).items():
-            metrics.events.labels(status_name, "refused").inc(count)
+        _count_events(metrics, events, "refused")
         return finish("unavailable", _json(503, {"error": "unavailable"}, headers={"Retry-After": "5"}))
 
     for letter in letters:
@@ -416,14 +415,18 @@ async def _webhook(request: Request) -> Response:
             outcome, _json(parsed.status_code, {"error": parsed.reason.value, "detail": parsed.detail})
         )
 
-    per_status = Counter(STATUS_NAMES[event["status"]] for event in events)
-    for status_name, count in per_status.items():
-        metrics.events.labels(status_name, delivery.value).inc(count)
+    _count_events(metrics, events, delivery.value)
     if letters:
         metrics.events.labels("invalid", "dead_lettered").inc(len(letters))
     metrics.request_events.observe(len(events) + len(letters))
     outcome = "published" if delivery is Delivery.PUBLISHED else "spooled"
     return finish(outcome, _json(200, {"accepted": len(events), "rejected": len(letters)}))
+
+
+def _count_events(metrics: GatewayMetrics, events: list[dict[str, Any]], outcome: str) -> None:
+    # One counter update per status, not per event.
+    for status_name, count in Counter(STATUS_NAMES[event["status"]] for event in events).items():
+        metrics.events.labels(status_name, outcome).inc(count)
 
 
 class AccessLogMiddleware:

@@ -168,8 +168,8 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         # Straight to the Kafka client: Faust's Topic.send costs several times the client's own send per
         # message. Each send is held against the next offset commit like the table's changelog writes.
         producer: Any = app.producer
-        await table.flush_changelog(producer)
         client = producer._ensure_producer()
+        await table.flush_changelog(producer, client)
         for message in outgoing:
             sent = await client.send(out_topic_names[message.topic], message.value, key=message.key)
             faust_fixes.hold_commit_until_acked(producer, sent)
@@ -300,6 +300,7 @@ class _StrTable(MutableMapping[str, Any]):
     def __init__(self, table: Any) -> None:
         self._table = table
         self._store = table.data
+        self._changelog = table.changelog_topic.get_topic_name()
         self.partition = 0
         self._pending: list[tuple[bytes, bytes | None, int]] = []
 
@@ -341,13 +342,10 @@ class _StrTable(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key) is not None
 
-    async def flush_changelog(self, producer: Any) -> None:
-        if not self._pending:
-            return
-        client = producer._ensure_producer()
-        topic = self._table.changelog_topic.get_topic_name()
+    async def flush_changelog(self, producer: Any, client: Any) -> None:
+        """Send the queued changelog messages with ``client``, the Kafka client of Faust's ``producer``."""
         for key, value, partition in self._pending:
-            sent = await client.send(topic, value, key=key, partition=partition)
+            sent = await client.send(self._changelog, value, key=key, partition=partition)
             faust_fixes.hold_commit_until_acked(producer, sent)
             sent.add_done_callback(self._persist_offset)
         self._pending.clear()

@@ -271,7 +271,6 @@ class Processor:
     def _ensure_index(self, partition: int) -> None:
         if partition in self._due:
             return
-        heap: list[tuple[int, str]] = []
         scheduled: dict[str, int] = {}
         counts = _Counts()
         stored_time = self._table.get(f"{STREAM_TIME_KEY}{partition}")
@@ -287,11 +286,9 @@ class Processor:
             counts.add(record, 1)
             due = presence.next_sweep_at(record, self._config)
             if due is not None:
-                heap.append((due, userid))
                 scheduled[userid] = due
-        heapq.heapify(heap)
         self._stream_time[partition] = stream_time
-        self._due[partition] = heap
+        self._due[partition] = _heap_of(scheduled)
         self._scheduled[partition] = scheduled
         self._counts[partition] = counts
         self._publish_gauges()
@@ -330,8 +327,7 @@ class Processor:
             if len(heap) > 2 * len(scheduled) + _HEAP_SLACK:
                 # Superseded entries are only dropped when popped, and a due time can lie 30 days ahead
                 # (user retention): rebuild from the live entries before the heap grows with every write.
-                heap[:] = [(when, user) for user, when in scheduled.items()]
-                heapq.heapify(heap)
+                heap[:] = _heap_of(scheduled)
 
     def _emit(
         self,
@@ -421,6 +417,13 @@ class Processor:
         m.sessions.set(total.sessions)
         for platform, count in total.online_by_platform.items():
             m.online_sessions.labels(platform).set(count)
+
+
+def _heap_of(scheduled: Mapping[str, int]) -> list[tuple[int, str]]:
+    """The sweep index holding exactly the live entries: (due time, userid), earliest first."""
+    heap = [(due, userid) for userid, due in scheduled.items()]
+    heapq.heapify(heap)
+    return heap
 
 
 class _Counts:
