@@ -38,13 +38,13 @@ from bench.common import write_results as _write
 from bench.kafka_tools import produce, produce_to
 from bench.traffic import raw_event
 from bench.worker import PARTITIONS, _settings, faust_worker
-from presence.polling import wait_until
-from presence.topics import ensure_topics
-from streams.app import USERS_TABLE, partition_of
+from core.topics import ensure_topics
+from presence.children import wait_until
 from streams.config import WorkerSettings
 from streams.main import worker_topics
-from streams.presence import Event, PresenceConfig, apply
 from streams.processor import encode_record
+from streams.rules import Event, PresenceConfig, apply
+from streams.runtime.app import USERS_TABLE, partition_of
 
 START_MS = 1_750_000_000_000
 _TEMPLATE = "user-XXXXXXXXX"

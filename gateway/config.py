@@ -1,6 +1,6 @@
 """Gateway settings: the RongCloud app's credentials, the webhook's limits, the spool and the network policy.
 
-Everything is read from ``PRESENCE_*`` environment variables (see :class:`presence.settings.CommonSettings` for
+Everything is read from ``PRESENCE_*`` environment variables (see :class:`core.settings.CommonSettings` for
 Kafka, topics and logging). Lists (CIDRs) are comma-separated.
 """
 
@@ -15,7 +15,7 @@ from fastapi import Depends
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from presence.settings import CommonSettings
+from core.settings import CommonSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Networks = Annotated[tuple[IPNetwork, ...], NoDecode]

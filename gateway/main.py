@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from core.logs import configure_logging
 from gateway.config import GatewaySettings, get_settings
 from gateway.metrics import GatewayMetrics
 from gateway.parsing import STATUS_NAMES, BodyError, DeadLetter, Receipt, body_too_large, parse_body
@@ -29,7 +30,6 @@ from gateway.publisher import Delivery, ProducerFactory, Publisher, Unavailable,
 from gateway.signing import AuthFailure, ReplayGuard, body_digest, extract_params, verify
 from gateway.sources import client_address, is_allowed
 from gateway.spool import Spool, SpoolRecord
-from presence.logs import configure_logging
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -75,7 +75,7 @@ def _json(status: int, content: dict[str, Any], headers: dict[str, str] | None =
 
 async def _ensure_topics(settings: GatewaySettings) -> bool:
     """Create the product's topics (D2); False if Kafka is unreachable (retried before the producer connects)."""
-    from presence.topics import TopicError, ensure_topics
+    from core.topics import TopicError, ensure_topics
 
     try:
         created = await ensure_topics(settings, timeout=10.0)

@@ -456,8 +456,8 @@ def worker() -> None:
 @main.command("create-topics", short_help="Create the product's topics with their configs.")
 def create_topics() -> None:
     """Create the product's topics with their configs (the gateway and workers also do this at start)."""
-    from presence.settings import CommonSettings
-    from presence.topics import TopicError, ensure_topics
+    from core.settings import CommonSettings
+    from core.topics import TopicError, ensure_topics
 
     settings = _load(CommonSettings)
     try:
@@ -478,7 +478,7 @@ _bootstrap_option = click.option(
 def _common(bootstrap: str | None) -> Any:
     import logging
 
-    from presence.settings import CommonSettings
+    from core.settings import CommonSettings
 
     # The Kafka client logs every failed connection attempt; the command says what went wrong in one line.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from presence.settings import CommonSettings
+from core.settings import CommonSettings
 
 
 class InspectError(RuntimeError):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
-from presence.settings import CommonSettings
-from streams.presence import PresenceConfig
+from core.settings import CommonSettings
+from streams.rules import PresenceConfig
 
 _MINUTE = 60.0
 _DAY = 24 * 3600.0

@@ -1,6 +1,6 @@
 """Between Faust and the pure state machine: decode, apply, write the table, say what to send.
 
-Kept free of Faust so it can be tested with plain dicts: the glue in :mod:`streams.app` hands it the table (a
+Kept free of Faust so it can be tested with plain dicts: the glue in :mod:`streams.runtime.app` hands it the table (a
 mutable mapping of userid to encoded record), a way to list one partition's records, and the current wall
 clock, and sends the :class:`Outgoing` messages it returns, in order.
 
@@ -24,9 +24,9 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-from streams import presence
+from streams import rules
 from streams.metrics import WorkerMetrics, platform_label
-from streams.presence import PresenceConfig, Transition, UserRecord
+from streams.rules import PresenceConfig, Transition, UserRecord
 
 OutTopic = Literal["transitions", "state", "dlq"]
 _MAX_RAW_IN_DLQ = 16 * 1024
@@ -79,9 +79,7 @@ def decode_stored(value: bytes | None) -> Stored:
     if value is None:
         return _NOTHING
     data = orjson.loads(value)
-    return Stored(
-        presence.record_from_dict(data), int(data.get(_APPLIED, -1)), int(data.get(_STREAM_TIME, 0))
-    )
+    return Stored(rules.record_from_dict(data), int(data.get(_APPLIED, -1)), int(data.get(_STREAM_TIME, 0)))
 
 
 def decode_record(value: bytes | None) -> UserRecord | None:
@@ -89,7 +87,7 @@ def decode_record(value: bytes | None) -> UserRecord | None:
 
 
 def encode_record(record: UserRecord, applied_offset: int = -1, stream_time: int = 0) -> bytes:
-    data = presence.record_to_dict(record)
+    data = rules.record_to_dict(record)
     data[_APPLIED] = applied_offset
     data[_STREAM_TIME] = stream_time
     return orjson.dumps(data)
@@ -99,7 +97,7 @@ def is_user_key(key: str) -> bool:
     return not key.startswith(STREAM_TIME_KEY)
 
 
-def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> presence.Event:
+def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> rules.Event:
     """Decode and check a RAW message (``schemas/raw.v1.schema.json``); raise :class:`InvalidRaw` if unusable."""
     if value is None:
         raise InvalidRaw("undecodable_raw", "empty value")
@@ -129,10 +127,10 @@ def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> prese
         # break per-user ordering and query routing.
         raise InvalidRaw("key_mismatch", "message key differs from userid")
     received_at = raw.get("received_at")
-    return presence.Event(
+    return rules.Event(
         userid=userid,
         session_id=session_id,
-        status=presence.EVENT_STATUS_BY_CODE[status],
+        status=rules.EVENT_STATUS_BY_CODE[status],
         time=time,
         os=raw.get("os"),
         client_ip=raw.get("clientIp"),
@@ -214,11 +212,11 @@ class Processor:
             # Already applied (a redelivery after a crash or rebalance): applying it again could re-create a
             # session S6 has dropped since. Re-send what it caused, and write the record again: the first
             # write may never have reached the changelog.
-            new, result = old, presence.redelivered(old, event)
+            new, result = old, rules.redelivered(old, event)
             self._write(partition, userid, old, new, applied)
         else:
             # Rules see the stream time from before this event: an event does not make itself late.
-            new, result = presence.apply(old, event, stream_time, self._config)
+            new, result = rules.apply(old, event, stream_time, self._config)
             # Every applied message is recorded in the record's applied offset, duplicates and stale ones too.
             self._write(partition, userid, old, new, offset)
         if self._metrics:
@@ -284,7 +282,7 @@ class Processor:
                 continue
             stream_time = max(stream_time, written_at)
             counts.add(record, 1)
-            due = presence.next_sweep_at(record, self._config)
+            due = rules.next_sweep_at(record, self._config)
             if due is not None:
                 scheduled[userid] = due
         self._stream_time[partition] = stream_time
@@ -312,7 +310,7 @@ class Processor:
             self._schedule(partition, userid, None)
             return
         self._table[userid] = encode_record(new, applied, stream_time)
-        self._schedule(partition, userid, presence.next_sweep_at(new, self._config))
+        self._schedule(partition, userid, rules.next_sweep_at(new, self._config))
 
     def _schedule(self, partition: int, userid: str, due: int | None) -> None:
         heap = self._due.get(partition)
@@ -353,7 +351,7 @@ class Processor:
         if reemitted and self._metrics:
             self._metrics.reemitted.inc()
         if publish_state and record is not None:
-            out.append(Outgoing("state", key, orjson.dumps(presence.state_payload(record, include_ip))))
+            out.append(Outgoing("state", key, orjson.dumps(rules.state_payload(record, include_ip))))
             if self._metrics:
                 self._metrics.state_updates.inc()
 
@@ -375,7 +373,7 @@ class Processor:
             record, applied, _ = decode_stored(self._table.get(userid))
             if record is None:
                 continue
-            due = presence.next_sweep_at(record, self._config)
+            due = rules.next_sweep_at(record, self._config)
             if due is None:
                 continue
             if holds_only and record.held is None:
@@ -386,7 +384,7 @@ class Processor:
                 self._schedule(partition, userid, due)
                 continue
             budget -= 1
-            new, result = presence.sweep(record, stream_time, self._config, source)
+            new, result = rules.sweep(record, stream_time, self._config, source)
             if result.deleted:
                 self._write(partition, userid, record, None, applied)
                 out.append(Outgoing("state", userid.encode(), None))
@@ -458,4 +456,4 @@ def state_of(table: Mapping[str, bytes], userid: str, include_client_ip: bool) -
     if len(userid) > MAX_USERID or not is_user_key(userid):
         return None
     record = decode_record(table.get(userid))
-    return None if record is None else presence.state_payload(record, include_client_ip)
+    return None if record is None else rules.state_payload(record, include_client_ip)

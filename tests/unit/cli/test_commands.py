@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core.settings import CommonSettings
 from presence import replay
 from presence.cli import _duration, main
 from presence.live import histogram_quantile, parse_metrics
-from presence.settings import CommonSettings
 
 VECTOR = ["--secret", "Y1W2MeFwwwRxa0", "--nonce", "14314", "--timestamp", "1408710653000"]
 EXPECTED = "30be0bbca9c9b2e27578701e9fda2358a814c88f"

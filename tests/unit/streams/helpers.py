@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from streams.presence import (
+from streams.rules import (
     Event,
     EventStatus,
     PresenceConfig,

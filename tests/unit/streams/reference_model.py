@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streams.presence import Event, UserStatus
+from streams.rules import Event, UserStatus
 
 PRIORITY = {"online": 0, "offline": 1, "logout": 2}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.presence import (
+from streams.rules import (
     Event,
     EventStatus,
     PresenceConfig,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from streams.presence import (
+from streams.rules import (
     Event,
     PresenceConfig,
     UserRecord,

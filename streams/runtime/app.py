@@ -28,10 +28,10 @@ from aiokafka.partitioner import murmur2
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import faust_fixes
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
 from streams.processor import Outgoing, Processor, state_of
+from streams.runtime import fixes
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Worker:
 
 def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> Worker:
     """Build the worker's Faust app from settings."""
-    faust_fixes.install()
+    fixes.install()
     metrics = metrics or WorkerMetrics()
     rocksdb_options = {
         "block_cache_size": settings.worker_rocksdb_block_cache_bytes,
@@ -172,7 +172,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         await table.flush_changelog(producer, client)
         for message in outgoing:
             sent = await client.send(out_topic_names[message.topic], message.value, key=message.key)
-            faust_fixes.hold_commit_until_acked(producer, sent)
+            fixes.hold_commit_until_acked(producer, sent)
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:
@@ -346,7 +346,7 @@ class _StrTable(MutableMapping[str, Any]):
         """Send the queued changelog messages with ``client``, the Kafka client of Faust's ``producer``."""
         for key, value, partition in self._pending:
             sent = await client.send(self._changelog, value, key=key, partition=partition)
-            faust_fixes.hold_commit_until_acked(producer, sent)
+            fixes.hold_commit_until_acked(producer, sent)
             sent.add_done_callback(self._persist_offset)
         self._pending.clear()
 
