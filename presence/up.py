@@ -20,6 +20,7 @@ from types import FrameType
 
 from rich.console import Console
 
+from core.contract import WEBHOOK_PATH
 from core.settings import CommonSettings
 from presence import localkafka, simulate, trace
 from presence.children import Child, ChildFailed, presence_command, wait_http_ready
@@ -149,7 +150,7 @@ def run(opts: UpOptions, console: Console) -> int:
             worker_url = f"http://127.0.0.1:{opts.worker_port}"
             wait_http_ready(gateway, f"{gateway_url}/readyz", timeout=60)
             wait_http_ready(worker, f"{worker_url}/readyz", timeout=120)
-            path = env.get("PRESENCE_GATEWAY_PATH", "/rongcloud/online-status")
+            path = env.get("PRESENCE_GATEWAY_PATH", WEBHOOK_PATH)
             endpoints = Endpoints(gateway_url, f"{gateway_url}{path}", worker_url)
             say(
                 f"gateway {gateway_url} (webhook POST {path}) · worker {worker_url} · broker {bootstrap}\n"

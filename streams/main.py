@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from core.contract import changelog_topic
 from core.topics import TopicSpec, ensure_topics, min_insync_replicas
 from streams.config import WorkerSettings
-from streams.runtime.app import USERS_TABLE, create_app
+from streams.runtime.app import create_app
 from streams.runtime.worker import run_worker
 
 
@@ -28,7 +29,7 @@ def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
     # crash its agent on a partition-count mismatch.
     specs.append(
         TopicSpec(
-            f"{settings.worker_app_id}-{USERS_TABLE}-changelog",
+            changelog_topic(settings.worker_app_id),
             settings.topic_partitions,
             rf,
             {"cleanup.policy": "compact", "min.insync.replicas": str(min_insync_replicas(rf))},

@@ -24,6 +24,8 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
+from core import contract
+from core.contract import MAX_USERID_LENGTH
 from streams import rules
 from streams.metrics import WorkerMetrics, platform_label
 from streams.rules import PresenceConfig, Transition, UserRecord
@@ -43,14 +45,6 @@ class Outgoing:
     value: bytes | None
 
 
-class InvalidRaw(ValueError):
-    """A RAW message the worker cannot use; ``reason`` is a closed-set code for the DLQ and metrics."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 # The table value is the record plus "o": the newest RAW offset applied to it. A user lives in one partition,
 # so a message at or below that offset is one the record already reflects: a redelivery (S10).
 _APPLIED = "o"
@@ -60,8 +54,7 @@ _APPLIED = "o"
 _STREAM_TIME = "t"
 # Before a sweep deletes a record, the stream time is also written under a key no userid can take (userids are
 # at most 64 characters), so the deleted record's "t" is not lost with it.
-STREAM_TIME_KEY = "~" * 65 + "stream-time/"
-MAX_USERID = 64
+STREAM_TIME_KEY = "~" * (MAX_USERID_LENGTH + 1) + "stream-time/"
 
 
 class Stored(NamedTuple):
@@ -97,62 +90,16 @@ def is_user_key(key: str) -> bool:
     return not key.startswith(STREAM_TIME_KEY)
 
 
-def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> rules.Event:
-    """Decode and check a RAW message (``schemas/raw.v1.schema.json``); raise :class:`InvalidRaw` if unusable."""
-    if value is None:
-        raise InvalidRaw("undecodable_raw", "empty value")
-    try:
-        raw = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRaw("undecodable_raw", f"not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InvalidRaw("invalid_raw", "not a JSON object")
-    userid = raw.get("userid")
-    session_id = raw.get("sessionId")
-    status = raw.get("status")
-    time = raw.get("time")
-    if not isinstance(userid, str) or not userid or len(userid) > MAX_USERID:
-        raise InvalidRaw("invalid_raw", f"userid missing, not a string or over {MAX_USERID} characters")
-    if not isinstance(session_id, str) or not session_id:
-        raise InvalidRaw("invalid_raw", "sessionId missing or not a string")
-    if status not in (0, 1, 2) or isinstance(status, bool):
-        raise InvalidRaw("invalid_raw", f"status {status!r} is not 0, 1 or 2")
-    if not isinstance(time, int) or isinstance(time, bool):
-        raise InvalidRaw("invalid_raw", "time missing or not an integer")
-    for optional in ("os", "clientIp"):
-        if raw.get(optional) is not None and not isinstance(raw[optional], str):
-            raise InvalidRaw("invalid_raw", f"{optional} is not a string")
-    if key is not None and key != userid.encode():
-        # The table lives in the partition of the key; a record filed under another user's partition would
-        # break per-user ordering and query routing.
-        raise InvalidRaw("key_mismatch", "message key differs from userid")
-    received_at = raw.get("received_at")
-    return rules.Event(
-        userid=userid,
-        session_id=session_id,
-        status=rules.EVENT_STATUS_BY_CODE[status],
-        time=time,
-        os=raw.get("os"),
-        client_ip=raw.get("clientIp"),
-        received_at=received_at if isinstance(received_at, int) else 0,
-        delivery_id=delivery_id,
-    )
-
-
 def dead_letter(reason: str, detail: str, key: bytes | None, value: bytes | None, now_ms: int) -> Outgoing:
-    raw = value or b""
-    payload = {
-        "schema": 1,
-        "source": "worker",
-        "reason": reason,
-        "detail": detail,
-        "raw": raw[:_MAX_RAW_IN_DLQ].decode("utf-8", errors="replace"),
-        "raw_truncated": len(raw) > _MAX_RAW_IN_DLQ,
-        "received_at": now_ms,
-        "delivery_id": None,
-        "index": None,
-    }
-    return Outgoing("dlq", key, orjson.dumps(payload))
+    letter = contract.dead_letter(
+        source="worker",
+        reason=reason,
+        detail=detail,
+        raw=value or b"",
+        raw_limit=_MAX_RAW_IN_DLQ,
+        received_at=now_ms,
+    )
+    return Outgoing("dlq", key, orjson.dumps(letter))
 
 
 class Processor:
@@ -192,8 +139,8 @@ class Processor:
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
-            event = parse_raw(key, value, delivery_id=source)
-        except InvalidRaw as exc:
+            event = contract.decode_raw(key, value, delivery_id=source)
+        except contract.InvalidRaw as exc:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
                 self._metrics.dead_letters.labels(exc.reason).inc()
@@ -453,7 +400,7 @@ class _Counts:
 
 def state_of(table: Mapping[str, bytes], userid: str, include_client_ip: bool) -> dict[str, Any] | None:
     """The user's record as published on STATE (Q1), or None if the table has none."""
-    if len(userid) > MAX_USERID or not is_user_key(userid):
+    if len(userid) > MAX_USERID_LENGTH or not is_user_key(userid):
         return None
     record = decode_record(table.get(userid))
     return None if record is None else rules.state_payload(record, include_client_ip)

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import orjson
 
-from gateway.signing import compute_signature
+from core.contract import compute_signature
 from presence.children import wait_until
 from presence.localkafka import free_port
 from tests.integration.streams.harness import read_topic

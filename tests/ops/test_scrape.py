@@ -26,7 +26,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from gateway.signing import compute_signature
+from core.contract import compute_signature
 from presence.children import wait_until
 from presence.localkafka import free_port
 from tests.ops.promql import ALERTS, alert_rules, expand_grafana, panel_queries, selectors

@@ -40,7 +40,7 @@ def test_check_signature_names_common_mistakes() -> None:
         "check-signature", *VECTOR[:1], "Y1W2MeFwwwRxa0\n", *VECTOR[2:], "--signature", EXPECTED
     )
     assert code == 1 and "whitespace" in output
-    from gateway.signing import compute_signature
+    from core.contract import compute_signature
 
     in_seconds = compute_signature("Y1W2MeFwwwRxa0", "14314", "1408710653")
     code, output = run("check-signature", *VECTOR, "--signature", in_seconds)
