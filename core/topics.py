@@ -25,6 +25,10 @@ class TopicError(RuntimeError):
     """A topic exists with a layout the product cannot work with; the message says what to do."""
 
 
+class KafkaUnreachable(TopicError):
+    """Kafka did not answer, or its partitions had no leader in time: worth trying again later."""
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
@@ -88,7 +92,7 @@ async def ensure_topics(
     try:
         await asyncio.wait_for(admin.start(), timeout)
     except (KafkaError, TimeoutError, OSError) as exc:
-        raise TopicError(
+        raise KafkaUnreachable(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({exc!r}); check "
             "PRESENCE_KAFKA_BOOTSTRAP_SERVERS and the security settings, or start a local broker with "
             "`presence kafka start`"
@@ -143,5 +147,5 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeou
         ):  # fmt: skip
             return
         if loop.time() > deadline:
-            raise TopicError(f"topics {names} have partitions without a leader after {timeout:.0f} s")
+            raise KafkaUnreachable(f"topics {names} have partitions without a leader after {timeout:.0f} s")
         await asyncio.sleep(0.1)

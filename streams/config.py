@@ -46,6 +46,15 @@ class WorkerSettings(CommonSettings):
     worker_session_timeout_seconds: float = Field(default=30, gt=0)
     worker_heartbeat_interval_seconds: float = Field(default=3, gt=0)
     worker_commit_interval_seconds: float = Field(default=2.0, gt=0)
+    worker_group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Static group membership (Kafka's group.instance.id), unique per worker and stable across its "
+            "restarts (the pod name of a StatefulSet): a worker back within the session timeout keeps its "
+            "partitions without a rebalance. Unset: dynamic membership."
+        ),
+    )
     worker_producer_linger_ms: int = Field(
         default=5, ge=0, le=1000, description="How long the worker's producer waits to fill a batch."
     )
