@@ -9,7 +9,8 @@ record missed a session, when table writes still went through the buffer).
 :func:`install` replaces ``put`` and ``flush`` on one app's buffer instance (the class and every other app are
 left alone): the new ``flush`` hands every queued message to the client itself and then waits until every
 message put so far, and every send held with :meth:`CommitGate.hold`, is acknowledged. A failed send raises,
-which aborts the commit, so the messages are processed again.
+which aborts the commit (Faust crashes its consumer and with it the app), so the messages are processed again; it
+raises even when it failed long before the commit, which a gate that merely forgot settled sends would miss.
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ class CommitGate:
         :meth:`wait` awaits ``sent`` and so raises if it failed.
         """
         self._unacked.add(sent)
-        sent.add_done_callback(self._unacked.discard)
+        sent.add_done_callback(self._acknowledged)
+
+    def _acknowledged(self, sent: asyncio.Future[Any]) -> None:
+        # Only a success is forgotten. A failed (or cancelled) send stays, so every later commit raises it:
+        # forgetting it would let the next commit cover a write Kafka never got.
+        if not sent.cancelled() and sent.exception() is None:
+            self._unacked.discard(sent)
 
     def __len__(self) -> int:
         return len(self._unacked)
 
     async def wait(self) -> None:
-        """Return once every held send is acknowledged; raise the first failure."""
+        """Return once every held send is acknowledged; raise if one failed (now or before)."""
         if self._unacked:
             await asyncio.gather(*list(self._unacked))
 
