@@ -105,7 +105,7 @@ async def ensure_topics_when_reachable(
             delay = min(max_delay, delay * 2)
             continue
         if attempt > 1 or created:
-            log.info("topics ready", extra={"attempts": attempt, "created": created})
+            log.info("topics ready", extra={"attempts": attempt, "topics_created": created})
         return created
 
 
