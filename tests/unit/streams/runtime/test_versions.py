@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from streams.config import WorkerSettings
 from streams.runtime import internals, versions
+from streams.runtime.app import create_app
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -69,3 +71,11 @@ def test_every_private_name_the_glue_uses_is_listed_in_internals() -> None:
         if foreign:
             found[path.name] = sorted(foreign)
     assert found == {}
+
+
+def test_the_worker_refuses_to_build_its_app_on_another_version(
+    monkeypatch: pytest.MonkeyPatch, settings: WorkerSettings
+) -> None:
+    monkeypatch.setitem(versions.PINNED, "aiokafka", "0.0.1")
+    with pytest.raises(versions.VersionMismatch, match=r"aiokafka 0\.14\.0 \(written for 0\.0\.1\)"):
+        create_app(settings)
