@@ -651,6 +651,8 @@ def topics(app_ids: tuple[str, ...], by_partition: bool, as_json: bool, bootstra
             config_text = config.get("cleanup.policy", "?")
             if retention and config.get("cleanup.policy") == "delete":
                 config_text += f", {_duration(int(retention))}"
+            if config.get("cleanup.policy") == "compact":
+                config_text += _compaction_text(config)
             lag = ", ".join(f"{g}: {n}" for g, n in (info.lag or {}).items())
             if by_partition and info.lag_by_partition:
                 lag += "".join(
@@ -666,6 +668,18 @@ def topics(app_ids: tuple[str, ...], by_partition: bool, as_json: bool, bootstra
             console.width = 200  # a pipe or a log file: no need to wrap
         console.print(table)
     raise SystemExit(3 if any(not info.exists for info in infos[:4]) else 0)
+
+
+def _compaction_text(config: dict[str, str]) -> str:
+    """Segment roll, dirty ratio and tombstone retention of a compacted topic, e.g. ', segment 1 h, ...'."""
+    parts = []
+    if "segment.ms" in config:
+        parts.append(f"segment {_duration(int(config['segment.ms']))}")
+    if "min.cleanable.dirty.ratio" in config:
+        parts.append(f"dirty ratio {float(config['min.cleanable.dirty.ratio']):g}")
+    if "delete.retention.ms" in config:
+        parts.append(f"tombstones {_duration(int(config['delete.retention.ms']))}")
+    return "".join(f", {part}" for part in parts)
 
 
 def _duration(ms: int) -> str:
