@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import orjson
@@ -41,6 +41,9 @@ from core.contract import (
     encode_observation,
 )
 from streams.reconcile import OFFER_RESULTS, Check, CheckQueue, Offer
+
+if TYPE_CHECKING:
+    from streams.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +444,33 @@ class CheckOnlineClient:
     def _count(self, outcome: str) -> None:
         if self._metrics:
             self._metrics.api_requests.labels(outcome).inc()
+
+
+def client_from_settings(
+    settings: WorkerSettings, *, share: float = 1.0, metrics: ReconcileMetrics | None = None
+) -> CheckOnlineClient:
+    """A client with its budget (``share`` of the deployment's) as the ``PRESENCE_RECONCILE_*`` settings say."""
+    budget = Budget(settings.reconcile_budget_per_second, share, metrics=metrics)
+    return CheckOnlineClient(
+        app_key=settings.app_key,
+        secret=settings.app_secret.get_secret_value(),
+        budget=budget,
+        base_urls=settings.reconcile_api_urls,
+        timeout=settings.reconcile_timeout_seconds,
+        attempts=settings.reconcile_attempts,
+        backoff=settings.reconcile_backoff_seconds,
+        metrics=metrics,
+    )
+
+
+def queue_from_settings(settings: WorkerSettings, *, share: float = 1.0) -> CheckQueue:
+    """The check queue; an intake gap's cap is shared among the workers like the budget."""
+    return CheckQueue(
+        recheck_interval_ms=int(settings.reconcile_recheck_interval_seconds * 1000),
+        capacity=settings.reconcile_queue_capacity,
+        gap_cap=max(1, round(settings.reconcile_gap_cap * share)) if settings.reconcile_gap_cap else 0,
+        max_attempts=settings.reconcile_attempts,
+    )
 
 
 # --- publishing observations --------------------------------------------------------------------------------
