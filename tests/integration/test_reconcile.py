@@ -5,6 +5,8 @@ published to a real broker's RAW topic."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -241,3 +243,35 @@ async def test_the_checker_turns_doubts_into_observations_on_raw(common_settings
     assert {o.source for o in observations.values()} == {"age", "intake_gap"}
     assert all(o.at <= o.answered_at for o in observations.values())
     assert len(api.calls) == len(doubted)  # nothing checked twice
+
+
+async def test_presence_reconcile_prints_rongclouds_answers(tmp_path: Path) -> None:
+    primary = await emulator()
+    backup = await emulator(primary.truth)
+    primary.fail_with = 502
+    env = {
+        **os.environ, "PRESENCE_APP_KEY": APP_KEY, "PRESENCE_APP_SECRET": SECRET,
+        "PRESENCE_RECONCILE_API_URLS": f"{primary.url},{backup.url}",
+    }  # fmt: skip
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "presence.cli", "reconcile", "--json", "on-1", "off-1", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        answers = {a["userid"]: a for a in map(orjson.loads, out.splitlines())}
+        assert {u: a["online"] for u, a in answers.items()} == {"on-1": True, "off-1": False}
+        assert {a["api"] for a in answers.values()} == {backup.url}
+
+        env["PRESENCE_APP_SECRET"] = "wrong-secret"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "presence.cli", "reconcile", "on-1", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 1
+        assert "code 1004" in out.decode()
+    finally:
+        await primary.stop()
+        await backup.stop()
