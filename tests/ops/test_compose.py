@@ -106,8 +106,8 @@ def test_prometheus_loads_the_alerts_and_scrapes_both_services(promtool: Path) -
 def test_dockerfile_builds_one_image_with_both_commands() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["presence"]' in dockerfile
-    assert re.search(r"^USER 10001:10001$", dockerfile, re.M), (
-        "numeric non-root user (runAsNonRoot can check it)"
+    assert re.search(r"^USER \$\{UID\}:\$\{UID\}$", dockerfile, re.M), (
+        "numeric non-root user (runAsNonRoot can check it); tests/ops/test_image.py checks its default"
     )
     from presence.cli import main
 
