@@ -28,15 +28,16 @@ RUN --mount=type=secret,id=pip-ca \
     && /opt/presence/bin/pip install --no-deps --require-hashes --only-binary=:all: -r requirements.lock
 # Every package of pyproject.toml's [tool.setuptools.packages.find] include (tests/ops/test_image.py checks).
 COPY pyproject.toml README.md ./
-COPY presence ./presence
+COPY core ./core
 COPY gateway ./gateway
 COPY streams ./streams
+COPY presence ./presence
 # --no-build-isolation: build with the locked setuptools already installed instead of fetching one.
 # pip check: the lock covers every dependency. Then the installers leave: the runtime needs none of them.
 RUN /opt/presence/bin/pip install --no-deps --no-build-isolation --no-index . \
     && /opt/presence/bin/pip check \
     && /opt/presence/bin/python -m pip uninstall --yes setuptools wheel pip \
-    && /opt/presence/bin/python -c "import gateway.main, streams.app, presence.cli"
+    && /opt/presence/bin/python -c "import gateway.main, streams.main, presence.cli"
 
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
