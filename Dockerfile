@@ -8,7 +8,10 @@
 # hashes (regenerate it with scripts/lock). The build fetches nothing else.
 #
 # The digest is the multi-platform index of python:3.11-slim-bookworm (Python 3.11.16, Debian 12) as recorded by
-# the official images' repo-info (repos/python/remote/3.11-slim-bookworm.md). To move to a newer base:
+# the official images' repo-info (repos/python/remote/3.11-slim-bookworm.md; its linux/amd64 image is
+# sha256:2fc9207f64226cb05ac317cee0bab6fa55a9ea311ce5a086baddd4b4a83c2d3c). It was read from that record and has not
+# been pulled yet: so far the image was built only on the Debian 12 stand-in of scripts/container-check --local-base.
+# The first build with registry access confirms it (a wrong digest fails the pull). To move to a newer base:
 #   docker buildx imagetools inspect python:3.11-slim-bookworm     (the "Digest:" line)
 # BASE_IMAGE may name another Debian 12 image with Python 3.11 on PATH as `python` (scripts/container-check
 # --local-base builds such a stand-in where no registry is reachable).
