@@ -5,6 +5,7 @@ promises (probes, security context, volumes, secrets, limits) asserted on the re
 from __future__ import annotations
 
 import subprocess
+import tarfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -334,7 +335,6 @@ def test_monitoring_objects_carry_the_repository_alerts_and_dashboards(
     rule = one(manifests, "PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
-    assert (CHART / "files" / "alerts.yml").read_text() == ALERTS.read_text()
     dashboards = next(m for m in manifests if m["metadata"]["name"].endswith("-dashboards"))
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboards["metadata"]["namespace"] == "monitoring"
@@ -376,3 +376,29 @@ def test_helm_test_pod_checks_both_components(rendered: Callable[[str], Manifest
     script = pod["spec"]["containers"][0]["args"][0]
     assert "rel-presence-gateway:80" in script and "rel-presence-streams:6066" in script
     compile(script, "helm-test", "exec")
+
+
+def test_the_chart_reads_the_one_copy_of_the_alerts_and_dashboards(helm: Path, tmp_path: Path) -> None:
+    # Kept once (prometheus/alerts.yml, grafana/dashboards/): the chart reaches them through symlinks, which helm
+    # follows when it renders and copies as plain files when it packages, so a published chart is complete.
+    alerts_link, dashboards_link = CHART / "files" / "alerts.yml", CHART / "dashboards"
+    assert alerts_link.is_symlink() and alerts_link.resolve() == ALERTS.resolve()
+    assert dashboards_link.is_symlink() and dashboards_link.resolve() == DASHBOARDS.resolve()
+    done = subprocess.run(
+        [str(helm), "package", str(CHART), "--destination", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (package,) = tmp_path.glob("presence-*.tgz")
+    with tarfile.open(package) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+
+        def read(name: str) -> str:
+            member = members[f"presence/{name}"]
+            assert member.isfile(), f"{name} is packaged as a link, not as its content"
+            extracted = archive.extractfile(member)
+            assert extracted is not None
+            return extracted.read().decode()
+
+        assert read("files/alerts.yml") == ALERTS.read_text()
+        boards = sorted(p.name for p in DASHBOARDS.glob("*.json"))
+        assert boards and all(read(f"dashboards/{name}") == (DASHBOARDS / name).read_text() for name in boards)
