@@ -401,4 +401,6 @@ def test_the_chart_reads_the_one_copy_of_the_alerts_and_dashboards(helm: Path, t
 
         assert read("files/alerts.yml") == ALERTS.read_text()
         boards = sorted(p.name for p in DASHBOARDS.glob("*.json"))
-        assert boards and all(read(f"dashboards/{name}") == (DASHBOARDS / name).read_text() for name in boards)
+        assert boards and all(
+            read(f"dashboards/{name}") == (DASHBOARDS / name).read_text() for name in boards
+        )

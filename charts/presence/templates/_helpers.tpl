@@ -86,6 +86,43 @@ app.kubernetes.io/component: streams
 {{- include "presence.fullname" . }}
 {{- end }}
 
+{{/*
+The worker's app id (consumer group, changelog and ticks topics): streams.appId, else derived from the namespace
+and the release, so two releases on one Kafka (two RongCloud apps, staging and production) never share a group.
+*/}}
+{{- define "presence.appId" -}}
+{{- default (printf "%s-%s-worker" .Release.Namespace (include "presence.fullname" .)) .Values.streams.appId }}
+{{- end }}
+
+{{/* A topic's name: topics.<name>, else <namespace>.<release full name>.<name>. Args: dict ctx, name. */}}
+{{- define "presence.topic" -}}
+{{- default (printf "%s.%s.%s" .ctx.Release.Namespace (include "presence.fullname" .ctx) .name) (index .ctx.Values.topics .name) }}
+{{- end }}
+
+{{/*
+An upgrade must not move a release to another consumer group or other topics by accident: a new app id makes a new
+group that reads RAW from its start and emits every transition again, with an empty table; renamed topics leave the
+data behind. The values the release runs with are read from its ConfigMaps (lookup: on install and upgrade against
+a cluster; `helm template` sees none); a change needs streams.allowAppIdChange or topics.allowRename.
+*/}}
+{{- define "presence.guardIdentity" -}}
+{{- $streams := lookup "v1" "ConfigMap" .Release.Namespace (include "presence.streams.fullname" .) | default dict }}
+{{- $running := dig "data" "PRESENCE_WORKER_APP_ID" "" $streams }}
+{{- $appId := include "presence.appId" . }}
+{{- if and $running (ne $running $appId) (not .Values.streams.allowAppIdChange) }}
+{{- fail (printf "the worker app id would change from %q to %q: the workers would start as a new consumer group, read RAW from its start with an empty table and emit every transition again. If that is what you want (see docs/operations.md, 'Changing the app id'), set streams.allowAppIdChange=true; otherwise set streams.appId=%s" $running $appId $running) }}
+{{- end }}
+{{- $common := lookup "v1" "ConfigMap" .Release.Namespace (include "presence.fullname" .) | default dict }}
+{{- range $name := list "raw" "dlq" "transitions" "state" }}
+{{- $key := printf "PRESENCE_TOPIC_%s" (upper $name) }}
+{{- $was := dig "data" $key "" $common }}
+{{- $now := include "presence.topic" (dict "ctx" $ "name" $name) }}
+{{- if and $was (ne $was $now) (not $.Values.topics.allowRename) }}
+{{- fail (printf "topics.%s would change from %q to %q: the release would leave its data in the old topic. Set topics.%s=%s, or topics.allowRename=true after moving the data (docs/operations.md)" $name $was $now $name $was) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The gateway runs as a StatefulSet when each replica keeps its spool on its own volume (D3). */}}
 {{- define "presence.gateway.kind" -}}
 {{- if and .Values.gateway.spool.enabled .Values.gateway.spool.persistence.enabled }}StatefulSet{{ else }}Deployment{{ end }}
