@@ -9,15 +9,16 @@ RUN python -m venv /opt/presence
 WORKDIR /src
 # Dependencies first, so a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN mkdir presence gateway streams \
-    && touch presence/__init__.py gateway/__init__.py streams/__init__.py \
+RUN mkdir core gateway streams presence \
+    && touch core/__init__.py gateway/__init__.py streams/__init__.py presence/__init__.py \
     && /opt/presence/bin/pip install . \
     && /opt/presence/bin/pip uninstall -y rongcloud-presence
-COPY presence ./presence
+COPY core ./core
 COPY gateway ./gateway
 COPY streams ./streams
+COPY presence ./presence
 RUN /opt/presence/bin/pip install --no-deps . \
-    && /opt/presence/bin/python -c "import gateway.main, streams.app, presence.cli"
+    && /opt/presence/bin/python -c "import gateway.main, streams.main, presence.cli"
 
 FROM python:3.11-slim-bookworm
 ARG UID=10001

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from core.contract import WEBHOOK_PATH, changelog_topic
 from presence import localkafka
 
 DEFAULT_DATA_DIR = Path(".run/kafka")
@@ -182,7 +183,7 @@ def up(
 
 def _default_webhook_url() -> str:
     port = os.environ.get("PRESENCE_GATEWAY_PORT", "8080")
-    path = os.environ.get("PRESENCE_GATEWAY_PATH", "/rongcloud/online-status")
+    path = os.environ.get("PRESENCE_GATEWAY_PATH", WEBHOOK_PATH)
     return f"http://127.0.0.1:{port}{path}"
 
 
@@ -376,7 +377,7 @@ def check_signature(
     import time as _time
     from urllib.parse import parse_qsl, urlsplit
 
-    from gateway.signing import compute_signature, parse_timestamp_ms
+    from core.contract import compute_signature, parse_timestamp_ms
 
     if not secret:
         raise click.UsageError("no secret: pass --secret or set PRESENCE_APP_SECRET")
@@ -456,8 +457,8 @@ def worker() -> None:
 @main.command("create-topics", short_help="Create the product's topics with their configs.")
 def create_topics() -> None:
     """Create the product's topics with their configs (the gateway and workers also do this at start)."""
-    from presence.settings import CommonSettings
-    from presence.topics import TopicError, ensure_topics
+    from core.settings import CommonSettings
+    from core.topics import TopicError, ensure_topics
 
     settings = _load(CommonSettings)
     try:
@@ -478,7 +479,7 @@ _bootstrap_option = click.option(
 def _common(bootstrap: str | None) -> Any:
     import logging
 
-    from presence.settings import CommonSettings
+    from core.settings import CommonSettings
 
     # The Kafka client logs every failed connection attempt; the command says what went wrong in one line.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -617,7 +618,7 @@ def topics(app_ids: tuple[str, ...], by_partition: bool, as_json: bool, bootstra
     try:
         groups = list(app_ids) or asyncio.run(worker_groups(settings))
         for group in groups:
-            topic_list.append((f"{group}-users-changelog", f"table changelog of {group}"))
+            topic_list.append((changelog_topic(group), f"table changelog of {group}"))
         infos = asyncio.run(describe(settings, topic_list, {settings.topic_raw: groups}))
     except InspectError as exc:
         _fail(str(exc))

@@ -1,7 +1,7 @@
 """Send a trace (:mod:`presence.trace`) to a gateway the way RongCloud would: signed POSTs of JSON arrays.
 
 Requests are scheduled at the trace's times (or as fast as possible), sent over one pooled HTTP/1.1 client with
-many in flight, signed with :func:`gateway.signing.compute_signature` at send time, and counted from the
+many in flight, signed with :func:`core.contract.compute_signature` at send time, and counted from the
 gateway's answers (``{"accepted": n, "rejected": m}``).
 """
 
@@ -18,7 +18,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 import orjson
 
-from gateway.signing import compute_signature
+from core.contract import compute_signature
 from presence.trace import Delivery, Trace
 
 # What a status the gateway answers means, for the summary.

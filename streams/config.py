@@ -6,13 +6,13 @@ topics and logging).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
-from presence.settings import CommonSettings
-from streams.presence import PresenceConfig
+from core.contract import DEFAULT_WORKER_APP_ID
+from core.settings import CommonSettings
+from streams.rules import PresenceConfig
 
 _MINUTE = 60.0
 _DAY = 24 * 3600.0
@@ -22,7 +22,7 @@ class WorkerSettings(CommonSettings):
     """Settings of ``presence worker``."""
 
     worker_app_id: str = Field(
-        default="presence-worker",
+        default=DEFAULT_WORKER_APP_ID,
         min_length=1,
         description="Consumer group and prefix of the table's changelog topics; one per deployment.",
     )
@@ -97,8 +97,3 @@ class WorkerSettings(CommonSettings):
             include_client_ip=self.worker_include_client_ip,
             transition_memory=self.worker_transition_memory,
         )
-
-
-@lru_cache
-def get_settings() -> WorkerSettings:
-    return WorkerSettings()

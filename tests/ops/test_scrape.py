@@ -26,9 +26,9 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from gateway.signing import compute_signature
+from core.contract import compute_signature
+from presence.children import wait_until
 from presence.localkafka import free_port
-from presence.polling import wait_until
 from tests.ops.promql import (
     ALERTS,
     EXTERNAL_METRICS,

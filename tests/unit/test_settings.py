@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from presence.settings import CommonSettings
-from presence.topics import min_insync_replicas, product_topics
+from core.settings import CommonSettings
+from core.topics import min_insync_replicas, product_topics
 
 
 def test_d1_defaults_match_the_contract() -> None:

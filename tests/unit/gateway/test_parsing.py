@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from core.contract import cap_text
 from gateway.parsing import (
     MIN_EVENT_TIME_MS,
     Batch,
@@ -19,7 +20,6 @@ from gateway.parsing import (
     DeadLetterReason,
     Receipt,
     body_too_large,
-    cap_text,
     parse_body,
 )
 
