@@ -27,6 +27,9 @@ GRAFANA_VARIABLES = {
     "$__range": "1h",
     "$gateway_job": ".+",
     "$streams_job": ".+",
+    # "All" of these matches series without the label too (docker-compose has no namespace).
+    "$namespace": ".*",
+    "$pod": ".*",
 }
 
 
