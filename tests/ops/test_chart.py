@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -817,3 +818,59 @@ def test_values_and_schema_describe_the_same_keys() -> None:
     }
     assert not missing, f"in values.yaml, not in the schema: {sorted(missing)}"
     assert not extra, f"in the schema, not in values.yaml: {sorted(extra)}"
+
+
+def _chart_seeing(tmp_path: Path, streams_data: dict[str, str], common_data: dict[str, str]) -> Path:
+    """A copy of the chart whose two ConfigMap lookups find the given data, as `helm upgrade` would in a cluster
+    running a release with those settings (`helm template` has no cluster: lookup finds nothing there)."""
+    copy = tmp_path / "presence"
+    shutil.copytree(CHART, copy, symlinks=False)
+    helpers = copy / "templates" / "_helpers.tpl"
+    text = helpers.read_text()
+
+    def as_dict(data: dict[str, str]) -> str:
+        pairs = " ".join(f'"{key}" "{value}"' for key, value in data.items())
+        return f'(dict "data" (dict {pairs}))'
+
+    for name, data in (('"presence.streams.fullname"', streams_data), ('"presence.fullname"', common_data)):
+        lookup = f'lookup "v1" "ConfigMap" .Release.Namespace (include {name} .) | default dict'
+        assert lookup in text
+        text = text.replace(lookup, as_dict(data))
+    helpers.write_text(text)
+    return copy
+
+
+def test_an_upgrade_may_not_change_the_app_id_or_the_topics_by_accident(helm: Path, tmp_path: Path) -> None:
+    # A release installed with the product's old fixed defaults, upgraded to a chart that derives the names.
+    chart = _chart_seeing(
+        tmp_path,
+        {"PRESENCE_WORKER_APP_ID": "presence-worker"},
+        {"PRESENCE_TOPIC_RAW": "rongcloud.presence.raw", "PRESENCE_TOPIC_STATE": "presence.state"},
+    )
+
+    def upgrade(*values: str) -> subprocess.CompletedProcess[str]:
+        command = [str(helm), "template", "rel", str(chart), "--namespace", "presence", "--is-upgrade"]
+        for key, value in MINIMAL.items():
+            command += ["--set", f"{key}={value}"]
+        for value in values:
+            command += ["--set", value]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    refused = upgrade()
+    assert refused.returncode != 0
+    assert 'the worker app id would change from "presence-worker" to "presence-rel-presence-worker"' in (
+        refused.stderr
+    )
+    assert "set streams.allowAppIdChange=true; otherwise set streams.appId=presence-worker" in refused.stderr
+    topics = upgrade("streams.appId=presence-worker")
+    assert topics.returncode != 0
+    assert (
+        'topics.raw would change from "rongcloud.presence.raw" to "presence.rel-presence.raw"'
+        in topics.stderr
+    )
+    pinned = upgrade(
+        "streams.appId=presence-worker", "topics.raw=rongcloud.presence.raw", "topics.state=presence.state"
+    )
+    assert pinned.returncode == 0, pinned.stderr
+    allowed = upgrade("streams.allowAppIdChange=true", "topics.allowRename=true")
+    assert allowed.returncode == 0, allowed.stderr
