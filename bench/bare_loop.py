@@ -21,8 +21,8 @@ from typing import Any
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streams.presence import PresenceConfig
 from streams.processor import Processor
+from streams.rules import PresenceConfig
 
 
 class ChangelogTable(MutableMapping[str, Any]):

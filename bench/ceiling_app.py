@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from bench.traffic import WEBHOOK_PATH
+from core.contract import WEBHOOK_PATH
 from gateway.config import GatewaySettings
 from gateway.main import uvicorn_config
 

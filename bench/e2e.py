@@ -33,9 +33,9 @@ from bench.plot import line_chart
 from bench.recovery import ready
 from bench.traffic import APP_KEY, APP_SECRET, PLATFORMS, signed_path, webhook_event
 from bench.worker import PARTITIONS, _settings, faust_worker
+from core.topics import ensure_topics
+from presence.children import wait_until
 from presence.localkafka import free_port
-from presence.polling import wait_until
-from presence.topics import ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 

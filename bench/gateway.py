@@ -32,10 +32,10 @@ from bench.common import (
 )
 from bench.plot import line_chart
 from bench.traffic import APP_KEY, APP_SECRET, request_pool
+from core.settings import CommonSettings
+from core.topics import ensure_topics
+from presence.children import wait_until
 from presence.localkafka import free_port
-from presence.polling import wait_until
-from presence.settings import CommonSettings
-from presence.topics import ensure_topics
 
 LUA = Path(__file__).resolve().parent / "wrk" / "signed.lua"
 TOPIC_RAW = "bench.gateway.raw"

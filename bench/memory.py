@@ -14,7 +14,7 @@ from typing import Any
 from bench.common import dir_bytes, say, table, workspace, write_results
 from bench.recovery import Probe, _topic_bytes, prepare, start_and_time
 from bench.worker import _settings, faust_worker
-from presence.topics import ensure_topics
+from core.topics import ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 

@@ -24,8 +24,8 @@ from quixstreams.models import Serializer
 from quixstreams.state import State
 from quixstreams.state.rocksdb import RocksDBOptions
 
-from streams.presence import PresenceConfig
 from streams.processor import Outgoing, Processor, is_user_key
+from streams.rules import PresenceConfig
 
 _RECORD = "record"
 

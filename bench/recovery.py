@@ -38,13 +38,13 @@ from bench.common import write_results as _write
 from bench.kafka_tools import produce, produce_to
 from bench.traffic import raw_event
 from bench.worker import PARTITIONS, _settings, faust_worker
-from presence.polling import wait_until
-from presence.topics import ensure_topics
-from streams.app import USERS_TABLE, partition_of
+from core.contract import Event, changelog_topic, partition_of
+from core.topics import ensure_topics
+from presence.children import wait_until
 from streams.config import WorkerSettings
 from streams.main import worker_topics
-from streams.presence import Event, PresenceConfig, apply
 from streams.processor import encode_record
+from streams.rules import PresenceConfig, apply
 
 START_MS = 1_750_000_000_000
 _TEMPLATE = "user-XXXXXXXXX"
@@ -148,13 +148,13 @@ def prepare(ws: Workspace, users: int, app_id: str) -> tuple[WorkerSettings, dic
     settings = WorkerSettings(**_settings(ws, "recovery", worker_app_id=app_id))
     asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
     started = time.monotonic()
-    count = produce_to(ws.bootstrap, f"{app_id}-{USERS_TABLE}-changelog", table_records(users))
+    count = produce_to(ws.bootstrap, changelog_topic(app_id), table_records(users))
     seconds = time.monotonic() - started
     say(f"{count:,} table records on the changelog in {seconds:.1f} s")
     return settings, {
         "records": count,
         "produce_seconds": round(seconds, 1),
-        "changelog_bytes_on_broker": _topic_bytes(ws, f"{app_id}-{USERS_TABLE}-changelog"),
+        "changelog_bytes_on_broker": _topic_bytes(ws, changelog_topic(app_id)),
     }
 
 

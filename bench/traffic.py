@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Iterator
@@ -11,10 +10,11 @@ from urllib.parse import urlencode
 
 import orjson
 
+from core.contract import WEBHOOK_PATH, compute_signature
+
 PLATFORMS = ("iOS", "Android", "PC", "Websocket", "MiniProgram")
 APP_KEY = "bench-app-key"
 APP_SECRET = "bench-app-secret-0123456789"  # noqa: S105 - a benchmark's throwaway credential
-WEBHOOK_PATH = "/rongcloud/online-status"
 
 
 def raw_event(userid: str, session: str, status: int, at: int, os_name: str, delivery: str) -> dict[str, Any]:
@@ -93,14 +93,15 @@ def backlog(users: int, events: int, seed: int = 7, start_ms: int = 1_750_000_00
 # --- signed webhook requests -----------------------------------------------------------------------------------
 
 
-def signature(secret: str, nonce: str, timestamp: str) -> str:
-    return hashlib.sha1((secret + nonce + timestamp).encode(), usedforsecurity=False).hexdigest()
-
-
 def signed_path(nonce: str, timestamp_ms: int, path: str = WEBHOOK_PATH) -> str:
     ts = str(timestamp_ms)
     query = urlencode(
-        {"appKey": APP_KEY, "nonce": nonce, "timestamp": ts, "signature": signature(APP_SECRET, nonce, ts)}
+        {
+            "appKey": APP_KEY,
+            "nonce": nonce,
+            "timestamp": ts,
+            "signature": compute_signature(APP_SECRET, nonce, ts),
+        }
     )
     return f"{path}?{query}"
 

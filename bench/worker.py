@@ -27,9 +27,9 @@ from bench.common import (
 )
 from bench.kafka_tools import Offsets, produce
 from bench.traffic import backlog
+from core.settings import CommonSettings
+from core.topics import TopicSpec, ensure_topics
 from presence.localkafka import free_port
-from presence.settings import CommonSettings
-from presence.topics import TopicSpec, ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 

@@ -1,6 +1,6 @@
 """Gateway settings: the RongCloud app's credentials, the webhook's limits, the spool and the network policy.
 
-Everything is read from ``PRESENCE_*`` environment variables (see :class:`presence.settings.CommonSettings` for
+Everything is read from ``PRESENCE_*`` environment variables (see :class:`core.settings.CommonSettings` for
 Kafka, topics and logging). Lists (CIDRs) are comma-separated.
 """
 
@@ -11,11 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from presence.settings import CommonSettings
+from core.contract import WEBHOOK_PATH
+from core.settings import CommonSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Networks = Annotated[tuple[IPNetwork, ...], NoDecode]
@@ -32,13 +32,12 @@ def _parse_networks(value: Any) -> Any:
 class GatewaySettings(CommonSettings):
     """Settings of the webhook gateway (``presence gateway``)."""
 
-    app_key: str = ""
-    app_secret: SecretStr = SecretStr("")
+    # app_key and app_secret are shared with the worker (it calls RongCloud's server API): core.settings.
     app_secret_previous: SecretStr | None = None
 
     gateway_host: str = "0.0.0.0"  # noqa: S104 - a container's service must listen on all interfaces
     gateway_port: int = Field(default=8080, ge=1, le=65535)
-    gateway_path: str = "/rongcloud/online-status"
+    gateway_path: str = WEBHOOK_PATH
 
     gateway_timestamp_window_seconds: float = Field(default=600.0, gt=0, le=86_400)
     gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
@@ -79,7 +78,7 @@ class GatewaySettings(CommonSettings):
     @classmethod
     def _path_shape(cls, value: str) -> str:
         if not value.startswith("/") or "?" in value or "#" in value or any(c.isspace() for c in value):
-            raise ValueError("must be an absolute URL path such as /rongcloud/online-status")
+            raise ValueError(f"must be an absolute URL path such as {WEBHOOK_PATH}")
         if value.rstrip("/") in ("", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
             raise ValueError(f"{value!r} collides with the gateway's own endpoints")
         return value
@@ -118,13 +117,6 @@ class GatewaySettings(CommonSettings):
 
 
 @lru_cache(maxsize=1)
-def _settings_from_env() -> GatewaySettings:
-    return GatewaySettings()
-
-
 def get_settings() -> GatewaySettings:
-    """The process's settings, read once from the environment; tests override this dependency."""
-    return _settings_from_env()
-
-
-SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+    """The process's settings, read once from the environment."""
+    return GatewaySettings()

@@ -22,14 +22,15 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from core.contract import STATUS_BY_CODE
+from core.logs import configure_logging
 from gateway.config import GatewaySettings, get_settings
 from gateway.metrics import GatewayMetrics
-from gateway.parsing import STATUS_NAMES, BodyError, DeadLetter, Receipt, body_too_large, parse_body
+from gateway.parsing import BodyError, DeadLetter, Receipt, body_too_large, parse_body
 from gateway.publisher import Delivery, ProducerFactory, Publisher, Unavailable, kafka_producer_factory
 from gateway.signing import AuthFailure, ReplayGuard, body_digest, extract_params, verify
 from gateway.sources import client_address, is_allowed
 from gateway.spool import Spool, SpoolRecord
-from presence.logs import configure_logging
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -75,7 +76,7 @@ def _json(status: int, content: dict[str, Any], headers: dict[str, str] | None =
 
 async def _ensure_topics(settings: GatewaySettings) -> bool:
     """Create the product's topics (D2); False if Kafka is unreachable (retried before the producer connects)."""
-    from presence.topics import TopicError, ensure_topics
+    from core.topics import TopicError, ensure_topics
 
     try:
         created = await ensure_topics(settings, timeout=10.0)
@@ -162,7 +163,6 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
-    app.dependency_overrides[get_settings] = lambda: settings
     app.add_middleware(AccessLogMiddleware)
 
     app.add_api_route(
@@ -425,7 +425,7 @@ async def _webhook(request: Request) -> Response:
 
 def _count_events(metrics: GatewayMetrics, events: list[dict[str, Any]], outcome: str) -> None:
     # One counter update per status, not per event.
-    for status_name, count in Counter(STATUS_NAMES[event["status"]] for event in events).items():
+    for status_name, count in Counter(STATUS_BY_CODE[event["status"]] for event in events).items():
         metrics.events.labels(status_name, outcome).inc(count)
 
 

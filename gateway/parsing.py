@@ -8,16 +8,20 @@ from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 1
-WRAPPER_TYPE = "user:connection_status"
-MIN_EVENT_TIME_MS = 1_262_304_000_000  # 2010-01-01T00:00:00Z
-MAX_USERID_LENGTH = 64
-MAX_SESSION_ID_LENGTH = 256
-MAX_OPTIONAL_LENGTH = 256
-MAX_DELIVERY_ID_LENGTH = 256
+from core import contract
+from core.contract import (
+    MAX_DELIVERY_ID_LENGTH,
+    MAX_OPTIONAL_LENGTH,
+    MAX_SESSION_ID_LENGTH,
+    MAX_USERID_LENGTH,
+    MIN_EVENT_TIME_MS,
+    SCHEMA_VERSION,
+    STATUS_BY_CODE,
+)
 
-STATUS_NAMES = {0: "online", 1: "offline", 2: "logout"}
-_STATUS_CODES = {"0": 0, "1": 1, "2": 2}
+WRAPPER_TYPE = "user:connection_status"
+# Upstream sends the code as a string ("0"); integers are accepted too.
+_STATUS_CODES = {str(code): code for code in STATUS_BY_CODE}
 
 
 class DeadLetterReason(StrEnum):
@@ -74,15 +78,6 @@ class Batch:
     rejects: list[DeadLetter] = field(default_factory=list)
 
 
-def cap_text(data: bytes, limit: int) -> tuple[str, bool]:
-    """At most ``limit`` bytes of data as text (invalid UTF-8 replaced), and whether anything was cut."""
-    truncated = len(data) > limit
-    if truncated:
-        # "ignore" drops a multi-byte character the cut split in two; "replace" would invent one.
-        return data[:limit].decode("utf-8", errors="ignore"), True
-    return data.decode("utf-8", errors="replace"), False
-
-
 def dead_letter(
     *,
     reason: DeadLetterReason,
@@ -94,20 +89,18 @@ def dead_letter(
     index: int | None = None,
     key: str | None = None,
 ) -> DeadLetter:
-    text, truncated = cap_text(raw, raw_limit)
     return DeadLetter(
         key=key,
-        value={
-            "schema": SCHEMA_VERSION,
-            "source": "gateway",
-            "reason": str(reason),
-            "detail": detail,
-            "raw": text,
-            "raw_truncated": truncated,
-            "received_at": receipt.received_at,
-            "delivery_id": delivery_id,
-            "index": index,
-        },
+        value=contract.dead_letter(
+            source="gateway",
+            reason=str(reason),
+            detail=detail,
+            raw=raw,
+            raw_limit=raw_limit,
+            received_at=receipt.received_at,
+            delivery_id=delivery_id,
+            index=index,
+        ),
     )
 
 
@@ -192,8 +185,9 @@ def parse_body(
     max_time = receipt.received_at + max_future_ms
     for index, element in enumerate(elements):
         delivery_id = receipt.delivery_id(wrapper_id, index)
-        problem = validate_element(element, max_time_ms=max_time)
-        if isinstance(problem, str):
+        checked = validate_element(element, max_time_ms=max_time)
+        if isinstance(checked, str):
+            problem = checked
             userid = element.get("userid") if isinstance(element, dict) else None
             key = userid if isinstance(userid, str) and 0 < len(userid) <= MAX_USERID_LENGTH else None
             raw = _element_bytes(element)
@@ -213,9 +207,9 @@ def parse_body(
                 )
             )
             continue
-        problem["received_at"] = receipt.received_at
-        problem["delivery_id"] = delivery_id
-        batch.events.append(problem)
+        checked["received_at"] = receipt.received_at
+        checked["delivery_id"] = delivery_id
+        batch.events.append(checked)
     return batch
 
 
@@ -257,7 +251,7 @@ def validate_element(element: Any, *, max_time_ms: int) -> dict[str, Any] | str:
     status: int | None
     if isinstance(raw_status, str):
         status = _STATUS_CODES.get(raw_status)
-    elif isinstance(raw_status, int) and not isinstance(raw_status, bool) and raw_status in STATUS_NAMES:
+    elif isinstance(raw_status, int) and not isinstance(raw_status, bool) and raw_status in STATUS_BY_CODE:
         status = raw_status
     else:
         status = None

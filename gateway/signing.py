@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from core.contract import compute_signature, parse_timestamp_ms
+
 # Newest name first: when a request carries both, the current name wins.
 TIMESTAMP_NAMES = ("timestamp", "signTimestamp", "rc-timestamp")
 NONCE_NAMES = ("nonce", "rc-nonce")
@@ -16,8 +18,6 @@ SIGNATURE_NAMES = ("signature", "rc-signature")
 APP_KEY_NAMES = ("appKey",)
 
 MAX_PARAM_LENGTH = 128
-# Epoch values below this are seconds (10 digits until the year 5138), above it milliseconds.
-_SECONDS_LIMIT = 100_000_000_000
 
 
 class AuthFailure(StrEnum):
@@ -43,19 +43,6 @@ class SignedParams:
     @property
     def timestamp_ms(self) -> int:
         return parse_timestamp_ms(self.timestamp)
-
-
-def compute_signature(secret: str, nonce: str, timestamp: str) -> str:
-    """Lower-case hex SHA1 of secret + nonce + timestamp, the three joined exactly as sent."""
-    return hashlib.sha1((secret + nonce + timestamp).encode("utf-8"), usedforsecurity=False).hexdigest()
-
-
-def parse_timestamp_ms(value: str) -> int:
-    """Epoch milliseconds from a timestamp parameter; 10-digit (seconds) values are scaled."""
-    if not value.isascii() or not value.isdigit() or len(value) > 16:
-        raise ValueError("timestamp must be 1-16 decimal digits")
-    number = int(value)
-    return number * 1000 if number < _SECONDS_LIMIT else number
 
 
 def _first(query: Mapping[str, str], names: Sequence[str]) -> str | None:

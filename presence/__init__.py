@@ -1,1 +1,3 @@
-"""Shared parts of the presence pipeline: settings, topics, the local Kafka broker and the CLI."""
+"""The command line and developer tooling: `presence` commands, the local broker, the demo, simulator and
+inspection tools. Sits on top of `core`, `gateway` and `streams`; nothing below imports it.
+"""

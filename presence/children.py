@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -89,21 +90,39 @@ class ChildFailed(RuntimeError):
     """A child exited or did not become ready; the message has its log's last lines."""
 
 
-def wait_http_ready(child: Child, url: str, timeout: float) -> None:
-    """Wait until ``url`` answers 200, failing at once if the child exits."""
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``condition`` until it returns something truthy and return that; raise ``TimeoutError`` naming ``what``.
+
+    For conditions that only another process can make true (a broker, a worker, a consumer's progress), where
+    there is nothing to await.
+    """
     deadline = time.monotonic() + timeout
     while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_http_ready(child: Child, url: str, timeout: float) -> None:
+    """Wait until ``url`` answers 200, failing at once if the child exits."""
+
+    def answers() -> bool:
         if not child.alive():
             raise ChildFailed(
                 f"the {child.name} exited with code {child.exit_code()} while starting; last lines of "
                 f"{child.log_path}:\n{child.log_tail()}"
             )
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise ChildFailed(
-                f"the {child.name} was not ready within {timeout:.0f} s ({url}); last lines of "
-                f"{child.log_path}:\n{child.log_tail()}"
-            )
-        time.sleep(0.25)
+            return httpx.get(url, timeout=2).status_code == 200
+        return False
+
+    try:
+        wait_until(answers, timeout, url, interval=0.25)
+    except TimeoutError:
+        raise ChildFailed(
+            f"the {child.name} was not ready within {timeout:.0f} s ({url}); last lines of "
+            f"{child.log_path}:\n{child.log_tail()}"
+        ) from None

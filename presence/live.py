@@ -11,7 +11,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,9 +19,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from core.settings import CommonSettings
 from presence import observe, simulate, trace
 from presence.children import Child
-from presence.settings import CommonSettings
 
 
 @dataclass
@@ -233,7 +232,11 @@ class Demo:
                 f"{cause.get('event')} on {cause.get('os')}",
                 ",".join(value.get("platforms") or []) or "-",
             )
-        links = Text(where_next_text(self) + "\nCtrl-C stops everything", style="dim")
+        links = Text(
+            where_next(self.endpoints, self.settings.kafka_bootstrap_servers, self.logs)
+            + "\nCtrl-C stops everything",
+            style="dim",
+        )
         header = Text.from_markup(
             f"[bold]presence up[/] · {time.monotonic() - self.started:.0f} s · broker "
             f"{self.settings.kafka_bootstrap_servers} · transitions from {self.settings.topic_transitions}"
@@ -313,15 +316,15 @@ class Demo:
         return 0
 
 
-def where_next_text(demo: Demo) -> str:
-    from presence.up import where_next
-
-    return where_next(demo.endpoints, demo.settings.kafka_bootstrap_servers, demo.logs)
-
-
-def sample_users(recent: list[observe.Message], limit: int = 3) -> list[str]:
-    return list(dict.fromkeys(m.key for m in recent))[:limit]
-
-
-def describe_endpoints(endpoints: Endpoints) -> dict[str, Any]:
-    return {"webhook": endpoints.webhook, "docs": f"{endpoints.gateway}/docs", "worker": endpoints.worker}
+def where_next(endpoints: Endpoints, bootstrap: str, logs: Path) -> str:
+    """Where to look once it runs, as commands that work from another shell as printed."""
+    b = "" if bootstrap == "127.0.0.1:9092" else f" -b {bootstrap}"
+    q = "" if endpoints.worker.endswith(":6066") else f" --url {endpoints.worker}"
+    return (
+        f"look next:\n"
+        f"  API docs   {endpoints.gateway}/docs\n"
+        f"  metrics    {endpoints.gateway}/metrics   {endpoints.worker}/metrics\n"
+        f"  presence   curl {endpoints.worker}/presence/<userid>   ·   presence query{q} <userid>\n"
+        f"  streams    presence tail{b}   ·   presence tail{b} --state --user <userid>   ·   presence topics{b}\n"
+        f"  logs       {logs}/gateway.log   {logs}/worker.log"
+    )

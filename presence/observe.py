@@ -16,9 +16,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 
-from presence.settings import CommonSettings
+from core.contract import MAX_QUERY_BATCH, partition_of
+from core.settings import CommonSettings
 
 
 class InspectError(RuntimeError):
@@ -30,11 +30,6 @@ def unreachable(settings: CommonSettings, exc: BaseException) -> InspectError:
         f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({type(exc).__name__}); check "
         "PRESENCE_KAFKA_BOOTSTRAP_SERVERS (or --bootstrap), or start a local broker with `presence kafka start`"
     )
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner puts ``key`` in (murmur2, as the gateway's producer does)."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 @contextlib.asynccontextmanager
@@ -123,7 +118,7 @@ async def tail(
     async with consumer_client(settings) as consumer:
         partitions = await partitions_of(consumer, topic)
         if user is not None:
-            partitions = [partitions[partition_for(user.encode(), len(partitions))]]
+            partitions = [partitions[partition_of(user.encode(), len(partitions))]]
         consumer.assign(partitions)
         begins = await consumer.beginning_offsets(partitions)
         ends = await consumer.end_offsets(partitions)
@@ -314,9 +309,6 @@ async def worker_groups(settings: CommonSettings) -> list[str]:
 # --- query --------------------------------------------------------------------------------------------------
 
 
-MAX_BATCH = 1000
-
-
 async def query(url: str, userids: Sequence[str], token: str | None) -> dict[str, dict[str, Any] | None]:
     """Each user's record from the worker's query API (None: no record), in the order asked."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -324,8 +316,8 @@ async def query(url: str, userids: Sequence[str], token: str | None) -> dict[str
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as client:
         try:
             unique = list(dict.fromkeys(userids))
-            for start in range(0, len(unique), MAX_BATCH):
-                chunk = unique[start : start + MAX_BATCH]
+            for start in range(0, len(unique), MAX_QUERY_BATCH):
+                chunk = unique[start : start + MAX_QUERY_BATCH]
                 response = await _post_batch(client, chunk)
                 found.update(response)
         except httpx.TransportError as exc:

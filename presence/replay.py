@@ -17,12 +17,13 @@ from pathlib import Path
 
 from aiokafka import TopicPartition
 
+from core.contract import DEFAULT_WORKER_APP_ID
+from core.settings import CommonSettings
 from presence.children import Child, ChildFailed, presence_command
 from presence.localkafka import free_port
 from presence.observe import InspectError, admin_client, consumer_client, partitions_of
-from presence.settings import CommonSettings
 
-LIVE_APP_ID = "presence-worker"
+LIVE_APP_ID = DEFAULT_WORKER_APP_ID
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Send a trace (:mod:`presence.trace`) to a gateway the way RongCloud would: signed POSTs of JSON arrays.
 
 Requests are scheduled at the trace's times (or as fast as possible), sent over one pooled HTTP/1.1 client with
-many in flight, signed with :func:`gateway.signing.compute_signature` at send time, and counted from the
+many in flight, signed with :func:`core.contract.compute_signature` at send time, and counted from the
 gateway's answers (``{"accepted": n, "rejected": m}``).
 """
 
@@ -18,7 +18,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 import orjson
 
-from gateway.signing import compute_signature
+from core.contract import compute_signature
 from presence.trace import Delivery, Trace
 
 # What a status the gateway answers means, for the summary.
@@ -110,6 +110,16 @@ class Target:
         return f"{parts.scheme}://{parts.netloc}"
 
 
+def signed_request(target: Target, delivery: Delivery, base_ms: int, now_ms: int) -> tuple[str, bytes]:
+    """The URL (signed now, as upstream signs each request) and JSON body of ``delivery``, whose event times are
+    relative to ``base_ms``."""
+    timestamp = str(now_ms)
+    query = urlencode({"appKey": target.app_key, "timestamp": timestamp, "nonce": delivery.nonce,
+                       "signature": compute_signature(target.secret, delivery.nonce, timestamp)})  # fmt: skip
+    body = orjson.dumps([{**e, "time": base_ms + e["time"]} for e in delivery.events])
+    return f"{target.url}?{query}", body
+
+
 async def check_reachable(client: aiohttp.ClientSession, target: Target) -> None:
     """Fail early, with what to do, when nothing listens at the gateway's address."""
     try:
@@ -153,11 +163,7 @@ async def send(
                 if delivery.retry_of is not None and delivery.retry_of in sent_as:
                     url, body = sent_as[delivery.retry_of]
                 else:
-                    timestamp = str(_wall_ms())
-                    query = urlencode({"appKey": target.app_key, "timestamp": timestamp, "nonce": delivery.nonce,
-                                       "signature": compute_signature(target.secret, delivery.nonce, timestamp)})  # fmt: skip
-                    url = f"{target.url}?{query}"
-                    body = orjson.dumps([{**e, "time": base_ms + e["time"]} for e in delivery.events])
+                    url, body = signed_request(target, delivery, base_ms, _wall_ms())
                     if index in retried:
                         sent_as[index] = (url, body)
                 started = time.perf_counter()

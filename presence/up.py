@@ -20,10 +20,11 @@ from types import FrameType
 
 from rich.console import Console
 
+from core.contract import WEBHOOK_PATH
+from core.settings import CommonSettings
 from presence import localkafka, simulate, trace
 from presence.children import Child, ChildFailed, presence_command, wait_http_ready
-from presence.live import Demo, Endpoints
-from presence.settings import CommonSettings
+from presence.live import Demo, Endpoints, where_next
 
 DEMO_APP_KEY = "presence-demo"
 
@@ -111,20 +112,6 @@ def _child_env(opts: UpOptions, bootstrap: str, app_key: str, secret: str) -> di
     return env
 
 
-def where_next(endpoints: Endpoints, bootstrap: str, logs: Path) -> str:
-    """Where to look once it runs, as commands that work from another shell as printed."""
-    b = "" if bootstrap == "127.0.0.1:9092" else f" -b {bootstrap}"
-    q = "" if endpoints.worker.endswith(":6066") else f" --url {endpoints.worker}"
-    return (
-        f"look next:\n"
-        f"  API docs   {endpoints.gateway}/docs\n"
-        f"  metrics    {endpoints.gateway}/metrics   {endpoints.worker}/metrics\n"
-        f"  presence   curl {endpoints.worker}/presence/<userid>   ·   presence query{q} <userid>\n"
-        f"  streams    presence tail{b}   ·   presence tail{b} --state --user <userid>   ·   presence topics{b}\n"
-        f"  logs       {logs}/gateway.log   {logs}/worker.log"
-    )
-
-
 def run(opts: UpOptions, console: Console) -> int:
     """Run until Ctrl-C/SIGTERM (or, with ``exit_after_demo``, until the demo traffic is processed)."""
 
@@ -146,7 +133,7 @@ def run(opts: UpOptions, console: Console) -> int:
             secret = os.environ.get("PRESENCE_APP_SECRET") or f"demo-{secrets.token_hex(8)}"
             env = _child_env(opts, bootstrap, app_key, secret)
             settings = CommonSettings(kafka_bootstrap_servers=bootstrap)
-            from presence.topics import TopicError, ensure_topics
+            from core.topics import TopicError, ensure_topics
 
             try:
                 created = asyncio.run(ensure_topics(settings))
@@ -163,7 +150,7 @@ def run(opts: UpOptions, console: Console) -> int:
             worker_url = f"http://127.0.0.1:{opts.worker_port}"
             wait_http_ready(gateway, f"{gateway_url}/readyz", timeout=60)
             wait_http_ready(worker, f"{worker_url}/readyz", timeout=120)
-            path = env.get("PRESENCE_GATEWAY_PATH", "/rongcloud/online-status")
+            path = env.get("PRESENCE_GATEWAY_PATH", WEBHOOK_PATH)
             endpoints = Endpoints(gateway_url, f"{gateway_url}{path}", worker_url)
             say(
                 f"gateway {gateway_url} (webhook POST {path}) · worker {worker_url} · broker {bootstrap}\n"

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-import faust
-
-from presence.logs import configure_logging
-from presence.topics import TopicSpec, ensure_topics, min_insync_replicas
-from streams.app import USERS_TABLE, create_app
+from core.contract import changelog_topic
+from core.topics import TopicSpec, ensure_topics, min_insync_replicas
 from streams.config import WorkerSettings
+from streams.runtime.app import create_app
+from streams.runtime.worker import run_worker
 
 
 def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
@@ -31,7 +29,7 @@ def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
     # crash its agent on a partition-count mismatch.
     specs.append(
         TopicSpec(
-            f"{settings.worker_app_id}-{USERS_TABLE}-changelog",
+            changelog_topic(settings.worker_app_id),
             settings.topic_partitions,
             rf,
             {"cleanup.policy": "compact", "min.insync.replicas": str(min_insync_replicas(rf))},
@@ -58,23 +56,4 @@ def run(settings: WorkerSettings | None = None) -> None:
     settings = settings or WorkerSettings()
     settings.worker_data_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
-    worker = create_app(settings)
-    _Worker(
-        worker.app,
-        loglevel=settings.log_level.lower().replace("warning", "warn"),
-        quiet=True,
-        redirect_stdouts=False,
-        settings=settings,
-    ).execute_from_commandline()
-
-
-class _Worker(faust.Worker):
-    """Faust's worker with the product's log format (JSON lines by default, like the gateway)."""
-
-    def __init__(self, *args: Any, settings: WorkerSettings, **kwargs: Any) -> None:
-        self._presence_settings = settings
-        super().__init__(*args, **kwargs)
-
-    def on_setup_root_logger(self, logger: Any, level: int) -> None:
-        self.spinner = None  # the terminal spinner would interleave with JSON lines
-        configure_logging(self._presence_settings.log_level, self._presence_settings.log_format)
+    run_worker(create_app(settings).app, settings)

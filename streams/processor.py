@@ -1,6 +1,6 @@
 """Between Faust and the pure state machine: decode, apply, write the table, say what to send.
 
-Kept free of Faust so it can be tested with plain dicts: the glue in :mod:`streams.app` hands it the table (a
+Kept free of Faust so it can be tested with plain dicts: the glue in :mod:`streams.runtime.app` hands it the table (a
 mutable mapping of userid to encoded record), a way to list one partition's records, and the current wall
 clock, and sends the :class:`Outgoing` messages it returns, in order.
 
@@ -24,9 +24,11 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-from streams import presence
+from core import contract
+from core.contract import MAX_USERID_LENGTH
+from streams import rules
 from streams.metrics import WorkerMetrics, platform_label
-from streams.presence import PresenceConfig, Transition, UserRecord
+from streams.rules import PresenceConfig, Transition, UserRecord
 
 OutTopic = Literal["transitions", "state", "dlq"]
 _MAX_RAW_IN_DLQ = 16 * 1024
@@ -43,14 +45,6 @@ class Outgoing:
     value: bytes | None
 
 
-class InvalidRaw(ValueError):
-    """A RAW message the worker cannot use; ``reason`` is a closed-set code for the DLQ and metrics."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 # The table value is the record plus "o": the newest RAW offset applied to it. A user lives in one partition,
 # so a message at or below that offset is one the record already reflects: a redelivery (S10).
 _APPLIED = "o"
@@ -60,8 +54,7 @@ _APPLIED = "o"
 _STREAM_TIME = "t"
 # Before a sweep deletes a record, the stream time is also written under a key no userid can take (userids are
 # at most 64 characters), so the deleted record's "t" is not lost with it.
-STREAM_TIME_KEY = "~" * 65 + "stream-time/"
-MAX_USERID = 64
+STREAM_TIME_KEY = "~" * (MAX_USERID_LENGTH + 1) + "stream-time/"
 
 
 class Stored(NamedTuple):
@@ -79,9 +72,7 @@ def decode_stored(value: bytes | None) -> Stored:
     if value is None:
         return _NOTHING
     data = orjson.loads(value)
-    return Stored(
-        presence.record_from_dict(data), int(data.get(_APPLIED, -1)), int(data.get(_STREAM_TIME, 0))
-    )
+    return Stored(rules.record_from_dict(data), int(data.get(_APPLIED, -1)), int(data.get(_STREAM_TIME, 0)))
 
 
 def decode_record(value: bytes | None) -> UserRecord | None:
@@ -89,7 +80,7 @@ def decode_record(value: bytes | None) -> UserRecord | None:
 
 
 def encode_record(record: UserRecord, applied_offset: int = -1, stream_time: int = 0) -> bytes:
-    data = presence.record_to_dict(record)
+    data = rules.record_to_dict(record)
     data[_APPLIED] = applied_offset
     data[_STREAM_TIME] = stream_time
     return orjson.dumps(data)
@@ -99,62 +90,16 @@ def is_user_key(key: str) -> bool:
     return not key.startswith(STREAM_TIME_KEY)
 
 
-def parse_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> presence.Event:
-    """Decode and check a RAW message (``schemas/raw.v1.schema.json``); raise :class:`InvalidRaw` if unusable."""
-    if value is None:
-        raise InvalidRaw("undecodable_raw", "empty value")
-    try:
-        raw = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRaw("undecodable_raw", f"not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InvalidRaw("invalid_raw", "not a JSON object")
-    userid = raw.get("userid")
-    session_id = raw.get("sessionId")
-    status = raw.get("status")
-    time = raw.get("time")
-    if not isinstance(userid, str) or not userid or len(userid) > MAX_USERID:
-        raise InvalidRaw("invalid_raw", f"userid missing, not a string or over {MAX_USERID} characters")
-    if not isinstance(session_id, str) or not session_id:
-        raise InvalidRaw("invalid_raw", "sessionId missing or not a string")
-    if status not in (0, 1, 2) or isinstance(status, bool):
-        raise InvalidRaw("invalid_raw", f"status {status!r} is not 0, 1 or 2")
-    if not isinstance(time, int) or isinstance(time, bool):
-        raise InvalidRaw("invalid_raw", "time missing or not an integer")
-    for optional in ("os", "clientIp"):
-        if raw.get(optional) is not None and not isinstance(raw[optional], str):
-            raise InvalidRaw("invalid_raw", f"{optional} is not a string")
-    if key is not None and key != userid.encode():
-        # The table lives in the partition of the key; a record filed under another user's partition would
-        # break per-user ordering and query routing.
-        raise InvalidRaw("key_mismatch", "message key differs from userid")
-    received_at = raw.get("received_at")
-    return presence.Event(
-        userid=userid,
-        session_id=session_id,
-        status=presence.EVENT_STATUS_BY_CODE[status],
-        time=time,
-        os=raw.get("os"),
-        client_ip=raw.get("clientIp"),
-        received_at=received_at if isinstance(received_at, int) else 0,
-        delivery_id=delivery_id,
-    )
-
-
 def dead_letter(reason: str, detail: str, key: bytes | None, value: bytes | None, now_ms: int) -> Outgoing:
-    raw = value or b""
-    payload = {
-        "schema": 1,
-        "source": "worker",
-        "reason": reason,
-        "detail": detail,
-        "raw": raw[:_MAX_RAW_IN_DLQ].decode("utf-8", errors="replace"),
-        "raw_truncated": len(raw) > _MAX_RAW_IN_DLQ,
-        "received_at": now_ms,
-        "delivery_id": None,
-        "index": None,
-    }
-    return Outgoing("dlq", key, orjson.dumps(payload))
+    letter = contract.dead_letter(
+        source="worker",
+        reason=reason,
+        detail=detail,
+        raw=value or b"",
+        raw_limit=_MAX_RAW_IN_DLQ,
+        received_at=now_ms,
+    )
+    return Outgoing("dlq", key, orjson.dumps(letter))
 
 
 class Processor:
@@ -194,8 +139,8 @@ class Processor:
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
-            event = parse_raw(key, value, delivery_id=source)
-        except InvalidRaw as exc:
+            event = contract.decode_raw(key, value, delivery_id=source)
+        except contract.InvalidRaw as exc:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
                 self._metrics.dead_letters.labels(exc.reason).inc()
@@ -214,11 +159,11 @@ class Processor:
             # Already applied (a redelivery after a crash or rebalance): applying it again could re-create a
             # session S6 has dropped since. Re-send what it caused, and write the record again: the first
             # write may never have reached the changelog.
-            new, result = old, presence.redelivered(old, event)
+            new, result = old, rules.redelivered(old, event)
             self._write(partition, userid, old, new, applied)
         else:
             # Rules see the stream time from before this event: an event does not make itself late.
-            new, result = presence.apply(old, event, stream_time, self._config)
+            new, result = rules.apply(old, event, stream_time, self._config)
             # Every applied message is recorded in the record's applied offset, duplicates and stale ones too.
             self._write(partition, userid, old, new, offset)
         if self._metrics:
@@ -284,7 +229,7 @@ class Processor:
                 continue
             stream_time = max(stream_time, written_at)
             counts.add(record, 1)
-            due = presence.next_sweep_at(record, self._config)
+            due = rules.next_sweep_at(record, self._config)
             if due is not None:
                 scheduled[userid] = due
         self._stream_time[partition] = stream_time
@@ -312,7 +257,7 @@ class Processor:
             self._schedule(partition, userid, None)
             return
         self._table[userid] = encode_record(new, applied, stream_time)
-        self._schedule(partition, userid, presence.next_sweep_at(new, self._config))
+        self._schedule(partition, userid, rules.next_sweep_at(new, self._config))
 
     def _schedule(self, partition: int, userid: str, due: int | None) -> None:
         heap = self._due.get(partition)
@@ -353,7 +298,7 @@ class Processor:
         if reemitted and self._metrics:
             self._metrics.reemitted.inc()
         if publish_state and record is not None:
-            out.append(Outgoing("state", key, orjson.dumps(presence.state_payload(record, include_ip))))
+            out.append(Outgoing("state", key, orjson.dumps(rules.state_payload(record, include_ip))))
             if self._metrics:
                 self._metrics.state_updates.inc()
 
@@ -375,7 +320,7 @@ class Processor:
             record, applied, _ = decode_stored(self._table.get(userid))
             if record is None:
                 continue
-            due = presence.next_sweep_at(record, self._config)
+            due = rules.next_sweep_at(record, self._config)
             if due is None:
                 continue
             if holds_only and record.held is None:
@@ -386,7 +331,7 @@ class Processor:
                 self._schedule(partition, userid, due)
                 continue
             budget -= 1
-            new, result = presence.sweep(record, stream_time, self._config, source)
+            new, result = rules.sweep(record, stream_time, self._config, source)
             if result.deleted:
                 self._write(partition, userid, record, None, applied)
                 out.append(Outgoing("state", userid.encode(), None))
@@ -455,7 +400,7 @@ class _Counts:
 
 def state_of(table: Mapping[str, bytes], userid: str, include_client_ip: bool) -> dict[str, Any] | None:
     """The user's record as published on STATE (Q1), or None if the table has none."""
-    if len(userid) > MAX_USERID or not is_user_key(userid):
+    if len(userid) > MAX_USERID_LENGTH or not is_user_key(userid):
         return None
     record = decode_record(table.get(userid))
-    return None if record is None else presence.state_payload(record, include_client_ip)
+    return None if record is None else rules.state_payload(record, include_client_ip)

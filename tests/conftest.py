@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from core.settings import CommonSettings
 from presence.localkafka import LocalKafka, free_port, kafka_version
-from presence.settings import CommonSettings
 
 
 class Broker:

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import orjson
 
-from gateway.signing import compute_signature
+from core.contract import compute_signature
+from presence.children import wait_until
 from presence.localkafka import free_port
-from presence.polling import wait_until
 from tests.integration.streams.harness import read_topic
 
 APP_KEY = "chaos-app"

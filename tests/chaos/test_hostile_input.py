@@ -18,8 +18,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from presence.settings import CommonSettings
-from presence.topics import ensure_topics
+from core.settings import CommonSettings
+from core.topics import ensure_topics
 from tests.integration.streams.harness import read_topic
 
 from .conftest import knob

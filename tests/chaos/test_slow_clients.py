@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from presence.polling import wait_until
-from presence.settings import CommonSettings
-from presence.topics import ensure_topics
+from core.settings import CommonSettings
+from core.topics import ensure_topics
+from presence.children import wait_until
 
 from .conftest import knob
 from .report import Report

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from presence.polling import wait_until
-from presence.topics import ensure_topics
+from core.topics import ensure_topics
+from presence.children import wait_until
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 from tests.integration.streams.harness import WorkerProcess, worker_env

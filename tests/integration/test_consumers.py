@@ -30,9 +30,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.topics import ensure_topics
 from gateway.config import GatewaySettings
-from presence.polling import wait_until
-from presence.topics import ensure_topics
+from presence.children import wait_until
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 

@@ -16,9 +16,9 @@ import httpx
 import orjson
 import pytest
 
+from core.topics import ensure_topics
 from gateway.config import GatewaySettings
-from presence.polling import wait_until
-from presence.topics import ensure_topics
+from presence.children import wait_until
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 

@@ -10,8 +10,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import DefaultPartitioner
 
-from presence.settings import CommonSettings
-from presence.topics import TopicError, ensure_topics, product_topics
+from core.settings import CommonSettings
+from core.topics import TopicError, ensure_topics, product_topics
 
 
 async def _consume_all(settings: CommonSettings, topic: str, expected: int) -> list[tuple[int, bytes, bytes]]:

@@ -20,7 +20,17 @@ from tests.schemas import SCHEMAS, closed, load
 
 NAMES = sorted(path.name for path in SCHEMAS.glob("*.v*.schema.json"))
 EXAMPLES = SCHEMAS / "examples"
-INT64_FIELDS = {"time", "received_at", "at", "epoch", "emitted_at", "last_seen", "since", "seq"}
+INT64_FIELDS = {
+    "time",
+    "received_at",
+    "answered_at",
+    "at",
+    "epoch",
+    "emitted_at",
+    "last_seen",
+    "since",
+    "seq",
+}
 
 
 def _major(name: str) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from presence.children import wait_until
 from presence.localkafka import free_port
-from presence.polling import wait_until
 
 SECRET = "cli-test-secret-1"
 APP_KEY = "cli-test-app"

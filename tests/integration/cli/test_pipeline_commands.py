@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from presence.polling import wait_until
+from presence.children import wait_until
 from tests.integration.streams.harness import read_topic, validator
 
 from .conftest import SECRET, Up, presence

@@ -9,7 +9,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from presence.polling import wait_until
+from presence.children import wait_until
 
 from .conftest import alive, children_of, presence, start_up, stop, topic_env
 

@@ -14,9 +14,9 @@ import pytest
 import uvicorn
 from aiokafka import AIOKafkaConsumer
 
+from core.contract import compute_signature
 from gateway.config import GatewaySettings
 from gateway.main import Gateway, create_app, uvicorn_config
-from gateway.signing import compute_signature
 from presence.localkafka import free_port
 
 APP_KEY = "integration-app"

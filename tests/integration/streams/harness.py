@@ -19,10 +19,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
 
+from presence.children import wait_until
 from presence.localkafka import free_port
-from presence.polling import wait_until
-from streams.presence import PresenceConfig
 from streams.processor import Processor
+from streams.rules import PresenceConfig
 from tests.schemas import writer_validator
 
 

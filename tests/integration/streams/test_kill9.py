@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from presence.topics import ensure_topics
+from core.topics import ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 

@@ -12,8 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from presence.settings import CommonSettings
-from presence.topics import ensure_topics
+from core.settings import CommonSettings
+from core.topics import ensure_topics
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 

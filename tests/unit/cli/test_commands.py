@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core.settings import CommonSettings
 from presence import replay
 from presence.cli import _duration, main
 from presence.live import histogram_quantile, parse_metrics
-from presence.settings import CommonSettings
 
 VECTOR = ["--secret", "Y1W2MeFwwwRxa0", "--nonce", "14314", "--timestamp", "1408710653000"]
 EXPECTED = "30be0bbca9c9b2e27578701e9fda2358a814c88f"
@@ -40,7 +40,7 @@ def test_check_signature_names_common_mistakes() -> None:
         "check-signature", *VECTOR[:1], "Y1W2MeFwwwRxa0\n", *VECTOR[2:], "--signature", EXPECTED
     )
     assert code == 1 and "whitespace" in output
-    from gateway.signing import compute_signature
+    from core.contract import compute_signature
 
     in_seconds = compute_signature("Y1W2MeFwwwRxa0", "14314", "1408710653")
     code, output = run("check-signature", *VECTOR, "--signature", in_seconds)

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
+from core.contract import compute_signature
 from gateway.config import GatewaySettings
 from gateway.main import create_app
 from gateway.metrics import GatewayMetrics
-from gateway.signing import compute_signature
 
 from .fakes import MemoryKafka
 

@@ -258,7 +258,7 @@ async def test_g9_logs_never_contain_secret_or_signature(
         await h.client.post(url, json=[ev()])
         await h.client.post(signed_url(secret="wrong-secret"), json=[ev()])
         await h.client.post(url, content=b"garbage")
-    from presence.logs import JsonFormatter
+    from core.logs import JsonFormatter
 
     ours = [r for r in caplog.records if r.name.startswith(("gateway", "uvicorn", "presence"))]
     assert any(r.name == "gateway.access" for r in ours)
@@ -270,6 +270,6 @@ async def test_g9_logs_never_contain_secret_or_signature(
 
 
 def test_g9_redaction_as_defence_in_depth() -> None:
-    from presence.logs import redact
+    from core.logs import redact
 
     assert redact("/x?appKey=k&nonce=1&signature=abc") == "/x?appKey=k&nonce=[redacted]&signature=[redacted]"

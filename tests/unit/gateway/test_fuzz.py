@@ -12,10 +12,10 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.contract import compute_signature
 from gateway.config import GatewaySettings
 from gateway.main import create_app
 from gateway.metrics import GatewayMetrics
-from gateway.signing import compute_signature
 
 from .conftest import APP_KEY, PATH, SECRET
 from .fakes import MemoryKafka

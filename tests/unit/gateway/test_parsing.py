@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.contract import cap_text
 from gateway.parsing import (
     MIN_EVENT_TIME_MS,
     Batch,
@@ -17,7 +18,6 @@ from gateway.parsing import (
     DeadLetterReason,
     Receipt,
     body_too_large,
-    cap_text,
     parse_body,
 )
 from tests.schemas import writer_validator

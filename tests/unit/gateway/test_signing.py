@@ -8,14 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.contract import compute_signature, parse_timestamp_ms
 from gateway.signing import (
     AuthFailure,
     ReplayGuard,
     SignedParams,
     body_digest,
-    compute_signature,
     extract_params,
-    parse_timestamp_ms,
     verify,
 )
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from streams.presence import (
-    Event,
+from core.contract import Event
+from streams.rules import (
     EventStatus,
     PresenceConfig,
     Transition,

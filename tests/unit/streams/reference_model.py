@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streams.presence import Event, UserStatus
+from core.contract import Event
+from streams.rules import UserStatus
 
 PRIORITY = {"online": 0, "offline": 1, "logout": 2}
 

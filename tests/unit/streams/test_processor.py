@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 
 from streams.metrics import WorkerMetrics
-from streams.presence import MINUTE_MS, PresenceConfig
 from streams.processor import STREAM_TIME_KEY, Outgoing, Processor
+from streams.rules import MINUTE_MS, PresenceConfig
 
 T = 1_700_000_000_000
 

@@ -26,6 +26,11 @@ class CommonSettings(BaseSettings):
 
     env: Literal["dev", "test", "prod"] = "dev"
 
+    # The RongCloud app this deployment serves: the gateway verifies callbacks with its secret, the worker signs
+    # its server-API requests (reconciliation) with it.
+    app_key: str = ""
+    app_secret: SecretStr = SecretStr("")
+
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism | None = None

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.presence import (
-    Event,
+from core.contract import Event
+from streams.rules import (
     EventStatus,
     PresenceConfig,
     Transition,

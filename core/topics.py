@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from presence.settings import CommonSettings
+from core.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 

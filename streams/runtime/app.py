@@ -24,29 +24,22 @@ from urllib.parse import quote
 
 import faust
 import orjson
-from aiokafka.partitioner import murmur2
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import faust_fixes
+from core.contract import MAX_QUERY_BATCH, USERS_TABLE, changelog_topic, partition_of
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
 from streams.processor import Outgoing, Processor, state_of
+from streams.runtime import fixes
 
 log = logging.getLogger(__name__)
 
-USERS_TABLE = "users"
-MAX_BATCH = 1000
 _ROUTED_HEADER = "X-Presence-Routed"
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """Kafka's default partitioner (murmur2, as the Java clients and aiokafka use)."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
@@ -82,7 +75,7 @@ class Worker:
 
 def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> Worker:
     """Build the worker's Faust app from settings."""
-    faust_fixes.install()
+    fixes.install()
     metrics = metrics or WorkerMetrics()
     rocksdb_options = {
         "block_cache_size": settings.worker_rocksdb_block_cache_bytes,
@@ -172,7 +165,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
         await table.flush_changelog(producer, client)
         for message in outgoing:
             sent = await client.send(out_topic_names[message.topic], message.value, key=message.key)
-            faust_fixes.hold_commit_until_acked(producer, sent)
+            fixes.hold_commit_until_acked(producer, sent)
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:
@@ -346,7 +339,7 @@ class _StrTable(MutableMapping[str, Any]):
         """Send the queued changelog messages with ``client``, the Kafka client of Faust's ``producer``."""
         for key, value, partition in self._pending:
             sent = await client.send(self._changelog, value, key=key, partition=partition)
-            faust_fixes.hold_commit_until_acked(producer, sent)
+            fixes.hold_commit_until_acked(producer, sent)
             sent.add_done_callback(self._persist_offset)
         self._pending.clear()
 
@@ -377,7 +370,7 @@ def _register_views(worker: Worker, users: Any) -> None:
         asks the producer's metadata, which may not know the changelog topic yet and then guesses.
         """
         partition = partition_of(userid.encode(), settings.topic_partitions)
-        changelog = f"{settings.worker_app_id}-{USERS_TABLE}-changelog"
+        changelog = changelog_topic(settings.worker_app_id)
         for url, topics in app.router.table_metadata(USERS_TABLE).items():
             if partition in topics.get(changelog, ()):
                 return str(url).rstrip("/")
@@ -433,8 +426,8 @@ def _register_views(worker: Worker, users: Any) -> None:
             userids = body.get("userids") if isinstance(body, dict) else None
             if not isinstance(userids, list) or not all(isinstance(u, str) and u for u in userids):
                 return self.json({"error": 'body must be {"userids": [non-empty strings]}'}, status=400)
-            if len(userids) > MAX_BATCH:
-                return self.json({"error": f"at most {MAX_BATCH} user ids per request"}, status=413)
+            if len(userids) > MAX_QUERY_BATCH:
+                return self.json({"error": f"at most {MAX_QUERY_BATCH} user ids per request"}, status=413)
             records: dict[str, Any] = {}
             remote: dict[str, list[str]] = defaultdict(list)
             routed = request.headers.get(_ROUTED_HEADER) is not None

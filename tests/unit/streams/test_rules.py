@@ -6,13 +6,12 @@ import json
 
 import pytest
 
-from streams.presence import (
-    Event,
+from core.contract import Event
+from streams.rules import (
     PresenceConfig,
     UserRecord,
     apply,
     computed_status,
-    event_from_raw,
     next_sweep_at,
     record_from_dict,
     record_to_dict,
@@ -24,34 +23,6 @@ from tests.unit.streams.helpers import USER, ev, run
 MIN = 60_000
 T0 = 1_700_000_000_000
 DEFAULT = PresenceConfig()
-
-
-def test_event_from_raw_maps_upstream_codes() -> None:
-    raw = {
-        "schema": 1,
-        "userid": "apert60541",
-        "status": 2,
-        "time": 1437982625625,
-        "sessionId": "0O6Bvfvik_L9R_NxR6GqQb",
-        "os": "iOS",
-        "clientIp": "172.20.10.94:41748",
-        "received_at": 1437982625700,
-        "delivery_id": "14314:1408710653000:0",
-    }
-    e = event_from_raw(raw)
-    assert (e.userid, e.session_id, e.status, e.time) == (
-        "apert60541",
-        "0O6Bvfvik_L9R_NxR6GqQb",
-        "logout",
-        raw["time"],
-    )
-    assert (e.os, e.client_ip, e.received_at, e.delivery_id) == (
-        "iOS",
-        "172.20.10.94:41748",
-        1437982625700,
-        raw["delivery_id"],
-    )
-    assert event_from_raw({**raw, "status": 0, "os": None}).status == "online"
 
 
 # S1 ---------------------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
-EventStatus = Literal["online", "offline", "logout"]
+from core.contract import CODE_BY_STATUS, STATUS_BY_CODE, Event, EventStatus
+
 UserStatus = Literal["online", "offline", "logged_out"]
 Outcome = Literal["applied", "duplicate", "stale"]
 
@@ -52,14 +53,12 @@ SCHEMA_VERSION: Final = 1
 MINUTE_MS: Final = 60_000
 DAY_MS: Final = 24 * 60 * MINUTE_MS
 
-EVENT_STATUS_BY_CODE: Final[Mapping[int, EventStatus]] = {0: "online", 1: "offline", 2: "logout"}
-EVENT_CODE_BY_STATUS: Final[Mapping[EventStatus, int]] = {"online": 0, "offline": 1, "logout": 2}
 # S3: within one session and one millisecond, logout beats offline beats online. The upstream codes happen to
 # rank the same way, so the code doubles as the priority.
-_PRIORITY: Final = EVENT_CODE_BY_STATUS
+_PRIORITY: Final = CODE_BY_STATUS
 _SWEEP_TRIGGER: Final = "sweep"
 
-# A trigger names what caused transitions to be emitted, so a redelivery of it can re-emit them:
+# An event's trigger is ``Event.trigger``. A trigger names what caused transitions to be emitted, so a redelivery of it can re-emit them:
 # (session_id, event status, event time, delivery id) for an event, (None, "sweep", stream time, tick id) for a
 # sweep. The delivery id tells a redelivered RAW record (same id: re-emit) from an upstream retry that went
 # through the gateway again (new id: a plain duplicate, nothing to repeat); the tick id does the same for ticks.
@@ -85,37 +84,6 @@ class PresenceConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-
-
-class Event(NamedTuple):
-    """One upstream connection event for one session, as published on RAW."""
-
-    userid: str
-    session_id: str
-    status: EventStatus
-    time: int
-    os: str | None = None
-    client_ip: str | None = None
-    received_at: int = 0
-    delivery_id: str = ""
-
-    @property
-    def trigger(self) -> Trigger:
-        return (self.session_id, self.status, self.time, self.delivery_id)
-
-
-def event_from_raw(raw: Mapping[str, Any]) -> Event:
-    """Build an :class:`Event` from a RAW payload (``schemas/raw.v1.schema.json``, already validated)."""
-    return Event(
-        userid=raw["userid"],
-        session_id=raw["sessionId"],
-        status=EVENT_STATUS_BY_CODE[int(raw["status"])],
-        time=int(raw["time"]),
-        os=raw.get("os"),
-        client_ip=raw.get("clientIp"),
-        received_at=int(raw.get("received_at", 0)),
-        delivery_id=raw.get("delivery_id", ""),
-    )
 
 
 class SessionState(NamedTuple):
@@ -353,7 +321,18 @@ def apply(
     now = stream_time if stream_time >= event.time else event.time
     if record is None:
         # Seed shown status = offline: S5's status for a user never seen.
-        record = UserRecord(event.userid, {}, event.time, 0, event.time, None, False, "offline", None, ())
+        record = UserRecord(
+            userid=event.userid,
+            sessions={},
+            epoch=event.time,
+            seq=0,
+            last_seen=event.time,
+            last_end_time=None,
+            last_end_logout=False,
+            status="offline",
+            held=None,
+            memory=(),
+        )
 
     emitted: list[Transition] = []
     seq = record.seq
@@ -376,16 +355,16 @@ def apply(
         reemits = _recall(record.userid, record.memory, event.trigger)
         if emitted:
             record = UserRecord(
-                record.userid,
-                sessions,
-                record.epoch,
-                seq,
-                record.last_seen,
-                record.last_end_time,
-                record.last_end_logout,
-                shown,
-                held,
-                _remember(record.memory, event.trigger, emitted, config.transition_memory),
+                userid=record.userid,
+                sessions=sessions,
+                epoch=record.epoch,
+                seq=seq,
+                last_seen=record.last_seen,
+                last_end_time=record.last_end_time,
+                last_end_logout=record.last_end_logout,
+                status=shown,
+                held=held,
+                memory=_remember(record.memory, event.trigger, emitted, config.transition_memory),
             )
         return record, ApplyResult(
             "duplicate" if duplicate else "stale",
@@ -457,16 +436,16 @@ def apply(
     if emitted:
         memory = _remember(memory, event.trigger, emitted, config.transition_memory)
     new_record = UserRecord(
-        record.userid,
-        new_sessions,
-        record.epoch,
-        seq,
-        record.last_seen if record.last_seen >= event.time else event.time,
-        last_end_time,
-        last_end_logout,
-        shown,
-        held,
-        memory,
+        userid=record.userid,
+        sessions=new_sessions,
+        epoch=record.epoch,
+        seq=seq,
+        last_seen=record.last_seen if record.last_seen >= event.time else event.time,
+        last_end_time=last_end_time,
+        last_end_logout=last_end_logout,
+        status=shown,
+        held=held,
+        memory=memory,
     )
     return new_record, ApplyResult("applied", tuple(reemits + emitted), True, True, bool(reemits))
 
@@ -531,16 +510,16 @@ def sweep(
             return record, SweepResult(tuple(reemits), False, True, False, True)
         return record, _SWEEP_NOTHING
     new_record = UserRecord(
-        record.userid,
-        sessions,
-        record.epoch,
-        seq,
-        record.last_seen,
-        record.last_end_time,
-        record.last_end_logout,
-        shown,
-        held,
-        memory,
+        userid=record.userid,
+        sessions=sessions,
+        epoch=record.epoch,
+        seq=seq,
+        last_seen=record.last_seen,
+        last_end_time=record.last_end_time,
+        last_end_logout=record.last_end_logout,
+        status=shown,
+        held=held,
+        memory=memory,
     )
     return new_record, SweepResult(
         tuple(reemits + emitted), True, bool(emitted) or bool(reemits), False, bool(reemits)
@@ -637,7 +616,7 @@ def record_from_dict(data: Mapping[str, Any]) -> UserRecord:
     if version != _RECORD_VERSION:
         raise ValueError(f"unsupported record version {version!r}")
     userid: str = data["userid"]
-    statuses = EVENT_STATUS_BY_CODE
+    statuses = STATUS_BY_CODE
     sessions = {
         sid: SessionState(statuses[v[0]], v[1], v[2], v[3], v[4]) for sid, v in data["sessions"].items()
     }
@@ -669,14 +648,14 @@ def record_from_dict(data: Mapping[str, Any]) -> UserRecord:
         for m in data["memory"]
     )
     return UserRecord(
-        userid,
-        sessions,
-        data["epoch"],
-        data["seq"],
-        data["last_seen"],
-        None if last_end is None else last_end[0],
-        False if last_end is None else bool(last_end[1]),
-        data["status"],
-        held,
-        memory,
+        userid=userid,
+        sessions=sessions,
+        epoch=data["epoch"],
+        seq=data["seq"],
+        last_seen=data["last_seen"],
+        last_end_time=None if last_end is None else last_end[0],
+        last_end_logout=False if last_end is None else bool(last_end[1]),
+        status=data["status"],
+        held=held,
+        memory=memory,
     )
