@@ -770,7 +770,7 @@ def topics(app_ids: tuple[str, ...], by_partition: bool, as_json: bool, bootstra
 
 
 def _compaction_text(config: dict[str, str]) -> str:
-    """Segment roll, dirty ratio and tombstone retention of a compacted topic, e.g. ', segment 1 h, ...'."""
+    """Segment roll, dirty ratio and tombstone retention of a compacted topic, one per line."""
     parts = []
     if "segment.ms" in config:
         parts.append(f"segment {_duration(int(config['segment.ms']))}")
@@ -778,7 +778,8 @@ def _compaction_text(config: dict[str, str]) -> str:
         parts.append(f"dirty ratio {float(config['min.cleanable.dirty.ratio']):g}")
     if "delete.retention.ms" in config:
         parts.append(f"tombstones {_duration(int(config['delete.retention.ms']))}")
-    return "".join(f", {part}" for part in parts)
+    # One per line: the table stays narrow enough for a terminal beside the lag column.
+    return "".join(f"\n{part}" for part in parts)
 
 
 def _duration(ms: int) -> str:
