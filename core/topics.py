@@ -42,6 +42,16 @@ def min_insync_replicas(replication_factor: int) -> int:
     return max(1, min(2, replication_factor - 1))
 
 
+def state_compaction(settings: CommonSettings) -> dict[str, str]:
+    """STATE's compaction configs: how much churn a bootstrap reads, how long tombstones stay (D2)."""
+    return {
+        "cleanup.policy": "compact",
+        "segment.ms": str(settings.topic_state_segment_ms),
+        "min.cleanable.dirty.ratio": str(settings.topic_state_min_cleanable_dirty_ratio),
+        "delete.retention.ms": str(settings.topic_state_delete_retention_ms),
+    }
+
+
 def product_topics(settings: CommonSettings) -> list[TopicSpec]:
     """RAW, DLQ, TRANSITIONS and STATE with the configs D2 asks for."""
     rf = settings.topic_replication_factor
@@ -74,8 +84,8 @@ def product_topics(settings: CommonSettings) -> list[TopicSpec]:
             settings.topic_partitions,
             rf,
             # Compacted: the newest record per user is kept forever, so a new consumer rebuilds everyone's
-            # presence from this topic alone; tombstones for deleted users are kept for a day.
-            {**base, "cleanup.policy": "compact", "delete.retention.ms": str(24 * 3600 * 1000)},
+            # presence from this topic alone (docs/consuming.md).
+            {**base, **state_compaction(settings)},
         ),
     ]
 
