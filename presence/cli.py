@@ -455,14 +455,29 @@ def worker() -> None:
 
 
 @main.command("create-topics", short_help="Create the product's topics with their configs.")
-def create_topics() -> None:
-    """Create the product's topics with their configs (the gateway and workers also do this at start)."""
+@click.option(
+    "--worker", "with_worker", is_flag=True,
+    help="Also the worker's own topics (<app id>-ticks, -users-changelog, -__assignor-__leader), named by "
+    "PRESENCE_WORKER_APP_ID: for workers that may not create topics (PRESENCE_TOPIC_CREATE=false).",
+)  # fmt: skip
+def create_topics(with_worker: bool) -> None:
+    """Create the product's topics with their configs (the gateway and workers also do this at start, unless
+    PRESENCE_TOPIC_CREATE=false; this command creates them either way)."""
     from core.settings import CommonSettings
-    from core.topics import TopicError, ensure_topics
+    from core.topics import TopicError, TopicSpec, ensure_topics
 
-    settings = _load(CommonSettings)
+    extra: list[TopicSpec] = []
+    if with_worker:
+        from streams.config import WorkerSettings
+        from streams.main import worker_topics
+
+        worker_settings = _load(WorkerSettings)
+        extra = worker_topics(worker_settings)
+        settings: CommonSettings = worker_settings
+    else:
+        settings = _load(CommonSettings)
     try:
-        created = asyncio.run(ensure_topics(settings))
+        created = asyncio.run(ensure_topics(settings.model_copy(update={"topic_create": True}), extra))
     except TopicError as exc:
         _fail(str(exc))
     click.echo(f"created: {', '.join(created)}" if created else "all topics already exist")

@@ -67,7 +67,9 @@ def new_faust_app(settings: WorkerSettings) -> faust.App:
         datadir=str(settings.worker_data_dir),
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
-        topic_allow_declare=True,
+        # The worker's own topics are made (or, with PRESENCE_TOPIC_CREATE=false, checked) before the app starts;
+        # without Create rights Faust must not try to declare them again.
+        topic_allow_declare=settings.topic_create,
         web_enabled=True,
         web_bind=settings.worker_web_bind,
         web_port=settings.worker_web_port,
