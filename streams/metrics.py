@@ -10,7 +10,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # M3: the os label only takes upstream's five platforms, anything else is "other".
 # The query API's routes, by their templates (a closed set: the user id is never a label).
-QUERY_ROUTES = ("/presence/{userid}", "/presence:batch", "/metrics", "/healthz", "/readyz")
+QUERY_ROUTES = (
+    "/presence/{userid}",
+    "/presence:batch",
+    "/presence:reconcile",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+)
 KNOWN_PLATFORMS = ("iOS", "Android", "Websocket", "PC", "MiniProgram")
 OUTCOMES = ("applied", "duplicate", "stale", "invalid")
 STATUSES = ("online", "offline", "logged_out")

@@ -20,7 +20,7 @@ import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Final
+from typing import Final, Protocol
 
 from core.contract import OBSERVATION_SOURCES, ObservationSource
 
@@ -57,6 +57,37 @@ class Offer(StrEnum):
 
 
 OFFER_RESULTS: Final = tuple(o.value for o in Offer)
+
+
+class CheckSink(Protocol):
+    """Where the stream's reasons for a check go (the worker's :class:`~streams.checkonline.Reconciler`)."""
+
+    def offer(
+        self,
+        userid: str,
+        source: ObservationSource,
+        *,
+        rank: int = 0,
+        fresh_after: int | None = None,
+        gap: str | None = None,
+    ) -> Offer: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AgePolicy:
+    """When a user shown online is due an ``age`` check: silent for ``max_silence_ms``, then again every
+    ``recheck_interval_ms`` while they stay online and silent (:func:`next_age_check_at`)."""
+
+    max_silence_ms: int
+    recheck_interval_ms: int
+
+    def due(self, last_event_ms: int, verified_at_ms: int | None) -> int:
+        return next_age_check_at(
+            last_event_ms=last_event_ms,
+            verified_at_ms=verified_at_ms,
+            max_silence_ms=self.max_silence_ms,
+            recheck_interval_ms=self.recheck_interval_ms,
+        )
 
 
 class CheckQueue:
