@@ -17,13 +17,15 @@ partition's stream time is also written under a reserved key.
 Reconciliation (R1-R5, docs/reconciliation.md) asks this class for users worth a check with RongCloud: users shown
 online and silent for ``max_silence`` come from a second in-memory index kept beside the sweep index (built in
 the same pass, updated on every write, by wall-clock due time; :meth:`Processor.age_checks`), so no tick scans the
-table. They go to a :class:`~streams.reconcile.CheckSink`, the worker's checker.
+table. They go to a :class:`~streams.reconcile.CheckSink`, the worker's checker. A gateway's intake-gap marker
+on RAW is set aside (:meth:`Processor.take_gaps`) for the runtime to scan the partition's records outside the
+agent (:meth:`Processor.gap_candidates`): scanning a partition is too slow to do between two messages.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -33,7 +35,7 @@ from core import contract
 from core.contract import MAX_USERID_LENGTH
 from streams import rules
 from streams.metrics import WorkerMetrics, platform_label
-from streams.reconcile import AgePolicy, CheckSink
+from streams.reconcile import AgePolicy, CheckSink, gap_rank
 from streams.rules import PresenceConfig, Transition, UserRecord
 
 OutTopic = Literal["transitions", "state", "dlq"]
@@ -138,6 +140,7 @@ class Processor:
         self._checks: CheckSink | None = None
         self._age: AgePolicy | None = None
         self._age_index: dict[int, _DueIndex] = {}
+        self._gaps: list[tuple[int, contract.GapMarker]] = []
 
     def enable_reconciliation(self, checks: CheckSink, age: AgePolicy | None) -> None:
         """Offer users worth a check to ``checks``: ``age`` ones by ``age`` (None: no age checks)."""
@@ -155,12 +158,17 @@ class Processor:
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
-            event = contract.decode_raw(key, value, delivery_id=source)
+            event = contract.decode_raw_record(key, value, delivery_id=source)
+            if isinstance(event, contract.Observation):
+                raise contract.InvalidRaw("invalid_raw", "observations are not applied by this worker yet")
         except contract.InvalidRaw as exc:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
                 self._metrics.dead_letters.labels(exc.reason).inc()
             return [dead_letter(exc.reason, str(exc), key, value, now_ms)]
+        if isinstance(event, contract.GapMarker):
+            self._on_gap(partition, event)
+            return []
         self._ensure_index(partition)
         stream_time = self._stream_time[partition]
         if event.time > stream_time:
@@ -388,6 +396,47 @@ class Processor:
         index = self._age_index.get(partition)
         if index is not None:
             index.set(userid, None if record is None else self._age_due(record))
+
+    def _on_gap(self, partition: int, marker: contract.GapMarker) -> None:
+        if self._metrics:
+            reason = marker.reason if marker.reason in contract.GAP_REASONS else "other"
+            self._metrics.intake_gaps.labels(reason).inc()
+        if self._checks is not None:
+            self._ensure_index(partition)  # owned from now on, even if the marker is its first message
+            self._gaps.append((partition, marker))
+
+    def take_gaps(self) -> list[tuple[int, contract.GapMarker]]:
+        """The intake-gap markers read since the last call (with their partitions), for the runtime to scan.
+        Those of partitions no longer owned are left out: their new owner reads the markers it has not
+        committed past."""
+        gaps, self._gaps = self._gaps, []
+        return [(partition, marker) for partition, marker in gaps if partition in self._due]
+
+    def gap_candidates(
+        self, partition: int, marker: contract.GapMarker, lookback_ms: int
+    ) -> Iterator[tuple[str, int | None]]:
+        """Every user of ``partition`` with the rank an intake gap gives them (``gap_rank``: 0 shown online since
+        before the gap, 1 heard of shortly before or during it, None not worth a check), in table order. One
+        pass over the partition's records; a generator, so the caller can pause between records."""
+        for userid, value in self._records_of_partition(partition):
+            if not is_user_key(userid):
+                continue
+            record = decode_record(value)
+            if record is None:
+                continue
+            online = record.status == "online"
+            since = min((s.since for s in record.sessions.values() if s.status == "online"), default=None)
+            yield (
+                userid,
+                gap_rank(
+                    shown_online=online,
+                    online_since_ms=since,
+                    last_event_ms=record.last_seen,
+                    gap_start_ms=marker.start,
+                    gap_end_ms=marker.end,
+                    lookback_ms=lookback_ms,
+                ),
+            )
 
     def age_checks(self, now_ms: int, limit: int = 10_000) -> int:
         """Offer an ``age`` check of every indexed user shown online whose silence reached ``max_silence`` by

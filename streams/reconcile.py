@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final, Protocol
@@ -328,3 +329,16 @@ def gap_rank(
     if last_event_ms is not None and gap_start_ms - lookback_ms <= last_event_ms <= gap_end_ms:
         return 1
     return None
+
+
+def offer_gap_checks(sink: CheckSink, gap_id: str, gap_end_ms: int, ranked: Iterable[tuple[str, int]]) -> int:
+    """Offer an intake gap's users to ``sink``, most urgent rank first, until the gap's cap is reached; a check
+    sent after the gap ended satisfies each. Returns how many were queued (or raised)."""
+    queued = 0
+    for userid, rank in sorted(ranked, key=lambda item: item[1]):
+        result = sink.offer(userid, "intake_gap", rank=rank, fresh_after=gap_end_ms, gap=gap_id)
+        if result is Offer.GAP_CAP:
+            break
+        if result in (Offer.QUEUED, Offer.RAISED):
+            queued += 1
+    return queued

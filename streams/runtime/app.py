@@ -20,6 +20,7 @@ rebalance), and publishes each answer to RAW with the worker's own producer; the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from typing import Any
 
 import faust
 
-from core.contract import Observation
+from core.contract import GapMarker, Observation
 from streams.checkonline import (
     ReconcileMetrics,
     Reconciler,
@@ -39,7 +40,7 @@ from streams.checkonline import (
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
 from streams.processor import Outgoing, Processor
-from streams.reconcile import AgePolicy
+from streams.reconcile import AgePolicy, offer_gap_checks
 from streams.runtime import fixes, internals, versions
 from streams.runtime.fixes import CommitGate
 from streams.runtime.progress import Progress
@@ -274,11 +275,40 @@ def _add_reconciler(worker: Worker) -> None:
         finally:
             await client.aclose()
 
+    lookback_ms = int(settings.reconcile_gap_lookback_seconds * 1000)
+    scans: set[asyncio.Task[None]] = set()
+
+    async def scan_gap(partition: int, marker: GapMarker) -> None:
+        """One pass over the partition's records, pausing every few hundred so the agent keeps going."""
+        ranked: list[tuple[str, int]] = []
+        try:
+            for n, (userid, rank) in enumerate(
+                worker.processor.gap_candidates(partition, marker, lookback_ms)
+            ):
+                if rank is not None:
+                    ranked.append((userid, rank))
+                if n % 500 == 499:
+                    await asyncio.sleep(0)
+        except Exception:
+            # The partition may have been revoked (its store closed) meanwhile; its new owner reads the marker.
+            log.warning("scanning for an intake gap stopped", exc_info=True, extra={"partition": partition})
+            return
+        queued = offer_gap_checks(reconciler, marker.id, marker.end, ranked)
+        log.info(
+            "intake gap: users queued for a check",
+            extra={"gap": marker.id, "reason": marker.reason, "partition": partition,
+                   "candidates": len(ranked), "queued": queued},
+        )  # fmt: skip
+
     @app.timer(settings.worker_tick_interval_seconds)  # type: ignore[untyped-decorator]
-    async def offer_age_checks() -> None:
+    async def offer_checks() -> None:
         # Only with the table recovered: the indexes are built from it.
         if app.rebalancing or not app.consumer or not worker.progress.ready:
             return
         owned = [tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_raw]
         worker.processor.ensure_indexed(owned)
         worker.processor.age_checks(_now_ms())
+        for partition, marker in worker.processor.take_gaps():
+            task = asyncio.create_task(scan_gap(partition, marker))
+            scans.add(task)
+            task.add_done_callback(scans.discard)

@@ -1,14 +1,15 @@
 """The processor's side of reconciliation, on plain dicts: which users it offers for ``age`` checks, from an
-in-memory index kept beside the sweep index (no table scan per tick)."""
+in-memory index kept beside the sweep index (no table scan per tick), and which ones an intake gap ranks."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from core.contract import ObservationSource
+from core.contract import GapMarker, ObservationSource, encode_gap_marker
+from streams.metrics import WorkerMetrics
 from streams.processor import Processor
-from streams.reconcile import AgePolicy, CheckQueue, Offer
+from streams.reconcile import AgePolicy, CheckQueue, Offer, offer_gap_checks
 from streams.rules import MINUTE_MS, PresenceConfig
 from tests.unit.streams.test_processor import raw
 
@@ -119,3 +120,55 @@ def test_without_reconciliation_nothing_is_offered_or_indexed() -> None:
     processor = Processor(table, PresenceConfig(), lambda p: list(table.items()))
     processor.on_raw(0, 1, b"u", raw("u", "a", 0, T), now_ms=T)
     assert processor.age_checks(T + 365 * 24 * 60 * MINUTE_MS) == 0
+
+
+# --- intake gaps ---------------------------------------------------------------------------------------------
+
+LOOKBACK = 60_000
+
+
+def marker(start: int, end: int) -> bytes:
+    return encode_gap_marker(GapMarker(f"gw:{start}", "gw", "unclean_stop", start, end))
+
+
+def test_a_gap_marker_is_set_aside_and_ranks_the_partitions_users() -> None:
+    h = Harness()
+    gap_start, gap_end = T + 10 * MINUTE_MS, T + 12 * MINUTE_MS
+    h.send("online-before", "a", 0, T)  # rank 0: an offline lost in the gap would leave a ghost
+    h.send("active-before", "b", 0, T + 1000)
+    h.send("active-before", "b", 1, gap_start - 30_000)  # rank 1: heard of within the lookback
+    h.send("quiet", "c", 0, T + 2000)
+    h.send("quiet", "c", 1, T + 3000)  # long before the gap: nothing a lost callback changed
+    h.send("online-during", "d", 0, gap_start + 1000)  # rank 1: heard of during the gap
+    out = h.processor.on_raw(0, 99, None, marker(gap_start, gap_end), now_ms=gap_end + 5)
+    assert out == [], "a marker sends nothing and changes no record"
+    (taken,) = h.processor.take_gaps()
+    assert h.processor.take_gaps() == []
+    partition, gap = taken
+    ranks = dict(h.processor.gap_candidates(partition, gap, LOOKBACK))
+    assert ranks == {"online-before": 0, "active-before": 1, "quiet": None, "online-during": 1}
+
+
+def test_gap_checks_go_most_urgent_first_up_to_the_cap_and_need_a_check_after_the_gap() -> None:
+    sink = Recorder()
+    sink.queue = CheckQueue(recheck_interval_ms=RECHECK, gap_cap=2)
+    ranked = [("r1-a", 1), ("r0-a", 0), ("r1-b", 1), ("r0-b", 0)]
+    assert offer_gap_checks(sink, "gap-1", T, ranked) == 2
+    assert [(u, r) for u, _, r in sink.offers] == [("r0-a", Offer.QUEUED), ("r0-b", Offer.QUEUED),
+                                                  ("r1-a", Offer.GAP_CAP)]  # fmt: skip
+    # A user checked after the gap ended needs no check for it.
+    sink.queue.done(sink.queue.pop(T + 1) or _fail(), T + 1)
+    assert sink.queue.offer("r0-a", "intake_gap", T + 2, fresh_after=T, gap="gap-2") is Offer.FRESH
+
+
+def _fail() -> Any:
+    raise AssertionError("nothing to pop")
+
+
+def test_without_reconciliation_a_marker_is_only_counted() -> None:
+    table: dict[str, Any] = {}
+    metrics = WorkerMetrics()
+    processor = Processor(table, PresenceConfig(), lambda p: list(table.items()), metrics)
+    assert processor.on_raw(0, 1, None, marker(T, T + 1), now_ms=T) == []
+    assert processor.take_gaps() == []
+    assert metrics.intake_gaps.labels("unclean_stop")._value.get() == 1
