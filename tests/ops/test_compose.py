@@ -140,3 +140,10 @@ def test_dockerfile_builds_one_image_with_both_commands() -> None:
 
     for command in ("worker", "create-topics"):
         assert command in main.commands, command
+
+
+def test_the_worker_calls_rongcloud_only_when_asked() -> None:
+    """Reconciliation would call RongCloud's hosts with the app secret: off in the local stack by default."""
+    worker_env = compose()["services"]["worker"]["environment"]
+    assert worker_env["PRESENCE_RECONCILE_ENABLED"] == "${PRESENCE_RECONCILE_ENABLED:-false}"
+    assert "PRESENCE_RECONCILE_API_URLS" not in worker_env
