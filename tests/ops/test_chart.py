@@ -889,31 +889,36 @@ def _worker_env(manifests: Manifests) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def test_workers_get_the_app_secret_when_reconciliation_is_on_and_only_then(helm: Path) -> None:
-    env, config = _worker_env(render(helm, values=MINIMAL))
+    on = {**MINIMAL, "streams.reconcile.enabled": "true"}
+    env, config = _worker_env(render(helm, values=on))
     assert env["PRESENCE_APP_SECRET"] == {"name": "rel-presence", "key": "app-secret"}
     assert config["PRESENCE_RECONCILE_ENABLED"] == "true"
     assert config["PRESENCE_RECONCILE_BUDGET_PER_SECOND"] == "50"
     assert "PRESENCE_RECONCILE_API_URLS" not in config  # the worker's default: RongCloud's own hosts
-    urls = render(helm, values={**MINIMAL, "streams.reconcile.apiUrls": "{https://api.sg-light-api.com,https://api-b.sg-light-api.com}"})  # fmt: skip
+    urls = render(helm, values={**on, "streams.reconcile.apiUrls": "{https://api.sg-light-api.com,https://api-b.sg-light-api.com}"})  # fmt: skip
     assert _worker_env(urls)[1]["PRESENCE_RECONCILE_API_URLS"] == (
         "https://api.sg-light-api.com,https://api-b.sg-light-api.com"
     )
-    off_env, off_config = _worker_env(render(helm, values={**MINIMAL, "streams.reconcile.enabled": "false"}))
+    off_env, off_config = _worker_env(render(helm, values=MINIMAL))  # off by default
     assert "PRESENCE_APP_SECRET" not in off_env
     assert off_config["PRESENCE_RECONCILE_ENABLED"] == "false"
     assert not any(name.startswith("PRESENCE_RECONCILE_") and name != "PRESENCE_RECONCILE_ENABLED"
                    for name in off_config)  # fmt: skip
 
 
-def test_workers_read_the_existing_secret_for_reconciliation(rendered: Callable[[str], Manifests]) -> None:
-    env, _ = _worker_env(rendered("production-values.yaml"))
-    assert env["PRESENCE_APP_SECRET"] == {"name": "presence-app-credentials", "key": "app-secret"}
+def test_workers_read_the_existing_secret_for_reconciliation(helm: Path) -> None:
+    values = {"app.key": "k", "app.existingSecret": "creds", "kafka.bootstrapServers": "kafka:9092",
+              "streams.reconcile.enabled": "true"}  # fmt: skip
+    env, _ = _worker_env(render(helm, values=values))
+    assert env["PRESENCE_APP_SECRET"] == {"name": "creds", "key": "app-secret"}
 
 
 def test_restricted_egress_lets_the_workers_reach_the_api_over_https(helm: Path) -> None:
     values = {**MINIMAL, "networkPolicy.egress.enabled": "true"}
-    rules = one(render(helm, values=values), "NetworkPolicy", "streams")["spec"]["egress"]
-    assert {"ports": [{"port": 443, "protocol": "TCP"}]} in rules
-    off = render(helm, values={**values, "streams.reconcile.enabled": "false"})
+    on = render(helm, values={**values, "streams.reconcile.enabled": "true"})
+    assert {"ports": [{"port": 443, "protocol": "TCP"}]} in one(on, "NetworkPolicy", "streams")["spec"][
+        "egress"
+    ]
+    off = render(helm, values=values)
     assert all(p.get("port") != 443 for r in one(off, "NetworkPolicy", "streams")["spec"]["egress"]
                for p in r.get("ports", []))  # fmt: skip
