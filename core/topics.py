@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class TopicError(RuntimeError):
-    """A topic exists with a layout the product cannot work with; the message says what to do."""
+    """The product's topics could not be made usable; the message says what to do."""
+
+
+class TopicLayoutError(TopicError):
+    """A topic exists with a layout the product cannot work with: retrying cannot help."""
+
+
+class TopicsNotReady(TopicError):
+    """Kafka could not be reached, or a partition had no leader in time: it may well work on a later try."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ async def ensure_topics(
     try:
         await asyncio.wait_for(admin.start(), timeout)
     except (KafkaError, TimeoutError, OSError) as exc:
-        raise TopicError(
+        raise TopicsNotReady(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({exc!r}); check "
             "PRESENCE_KAFKA_BOOTSTRAP_SERVERS and the security settings, or start a local broker with "
             "`presence kafka start`"
@@ -111,6 +119,11 @@ async def ensure_topics(
         for spec in missing:
             log.info("created topic", extra={"topic": spec.name, "partitions": spec.partitions})
         return [spec.name for spec in missing]
+    except (KafkaError, TimeoutError, OSError) as exc:
+        # The broker went away or stopped answering between the calls: as transient as not reaching it at all.
+        raise TopicsNotReady(
+            f"Kafka at {settings.kafka_bootstrap_servers} stopped answering ({exc!r})"
+        ) from exc
     finally:
         await admin.close()
 
@@ -123,7 +136,7 @@ async def _check_partitions(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) 
     for spec in specs:
         actual = counts.get(spec.name)
         if actual is not None and actual != spec.partitions:
-            raise TopicError(
+            raise TopicLayoutError(
                 f"topic {spec.name} has {actual} partitions but PRESENCE_TOPIC_PARTITIONS is "
                 f"{spec.partitions}; set PRESENCE_TOPIC_PARTITIONS={actual} (changing the partition count "
                 "of a keyed topic moves users between partitions and needs a migration)"
@@ -143,5 +156,5 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeou
         ):  # fmt: skip
             return
         if loop.time() > deadline:
-            raise TopicError(f"topics {names} have partitions without a leader after {timeout:.0f} s")
+            raise TopicsNotReady(f"topics {names} have partitions without a leader after {timeout:.0f} s")
         await asyncio.sleep(0.1)

@@ -24,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from core.contract import STATUS_BY_CODE
 from core.logs import configure_logging
+from core.topics import TopicsNotReady, ensure_topics
 from gateway.config import GatewaySettings, get_settings
 from gateway.metrics import GatewayMetrics
 from gateway.parsing import BodyError, DeadLetter, Receipt, body_too_large, parse_body
@@ -34,6 +35,9 @@ from gateway.spool import Spool, SpoolRecord
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
+
+# How long one attempt to ensure the topics may take (reaching Kafka, creating, waiting for leaders).
+ENSURE_TOPICS_TIMEOUT_SECONDS = 10.0
 
 # Below this much time left, a direct publish could not succeed anyway: spool without judging Kafka by it.
 _MIN_DIRECT_PUBLISH_SECONDS = 0.25
@@ -75,18 +79,15 @@ def _json(status: int, content: dict[str, Any], headers: dict[str, str] | None =
 
 
 async def _ensure_topics(settings: GatewaySettings) -> bool:
-    """Create the product's topics (D2); False if Kafka is unreachable (retried before the producer connects)."""
-    from core.topics import TopicError, ensure_topics
+    """Create the product's topics (D2); False if Kafka is not ready (retried before the producer connects).
 
+    A :class:`core.topics.TopicLayoutError` (topics that exist with a layout the product cannot use) is raised
+    on: the gateway refuses to start rather than misroute users.
+    """
     try:
-        created = await ensure_topics(settings, timeout=10.0)
-    except TopicError as exc:
-        if exc.__cause__ is None:
-            # The topics exist with a layout the product cannot use: refuse to start rather than misroute users.
-            raise
-        log.warning(
-            "could not ensure topics; Kafka unreachable, spooling meanwhile", extra={"error": str(exc)}
-        )
+        created = await ensure_topics(settings, timeout=ENSURE_TOPICS_TIMEOUT_SECONDS)
+    except TopicsNotReady as exc:
+        log.warning("could not ensure topics; Kafka not ready, spooling meanwhile", extra={"error": str(exc)})
         return False
     if created:
         log.info("created topics", extra={"topics": created})
@@ -115,7 +116,7 @@ def create_app(
                 clock_ms=_wall_ms,
             )
         prepare = None
-        if settings.gateway_ensure_topics and producer_factory is None and not await _ensure_topics(settings):
+        if settings.gateway_ensure_topics and not await _ensure_topics(settings):
 
             async def prepare() -> None:
                 if not await _ensure_topics(settings):
