@@ -31,7 +31,7 @@ EVENT_STATUSES = ("online", "offline", "logout", "invalid")
 EVENT_OUTCOMES = ("published", "spooled", "dead_lettered", "refused")
 BREAKER_STATES = ("closed", "open", "half_open")
 PUBLISH_SOURCES = ("request", "spool")
-PUBLISH_FAILURE_KINDS = ("timeout", "kafka_error", "no_producer")
+PUBLISH_FAILURE_KINDS = ("timeout", "kafka_error")
 
 _LATENCY_BUCKETS = (
     0.001,

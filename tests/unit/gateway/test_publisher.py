@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from gateway.breaker import Breaker, BreakerState
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics
-from gateway.publisher import Breaker, BreakerState, Delivery, Publisher, Unavailable
+from gateway.publisher import Delivery, Publisher, Unavailable
 from gateway.spool import Spool, SpoolRecord
 
 from .fakes import MemoryKafka
@@ -112,7 +113,7 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 async def test_g6_publish_waits_for_acks(tmp_path: Path) -> None:
     kafka = MemoryKafka()
     publisher = make_publisher(settings(tmp_path), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         assert await publisher.publish(records(3), budget=1.0) is Delivery.PUBLISHED
         assert [v for _, v in kafka.topic("raw")] == [b"0", b"1", b"2"]
@@ -124,7 +125,7 @@ async def test_g6_publish_waits_for_acks(tmp_path: Path) -> None:
 async def test_g7_unacknowledged_within_budget_goes_to_spool_then_drains(tmp_path: Path) -> None:
     kafka = MemoryKafka()
     publisher = make_publisher(settings(tmp_path), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         kafka.set_up(False)
         started = time.monotonic()
@@ -149,7 +150,7 @@ async def test_g7_unacknowledged_within_budget_goes_to_spool_then_drains(tmp_pat
 async def test_g7_spool_disabled_means_503(tmp_path: Path) -> None:
     kafka = MemoryKafka()
     publisher = make_publisher(settings(tmp_path), kafka, spool=False)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         kafka.set_up(False)
         with pytest.raises(Unavailable):
@@ -166,7 +167,7 @@ async def test_g7_spool_disabled_means_503(tmp_path: Path) -> None:
 async def test_g7_spool_full_means_503_and_not_ready(tmp_path: Path) -> None:
     kafka = MemoryKafka(up=False)
     publisher = make_publisher(settings(tmp_path, gateway_spool_max_bytes=64 * 1024), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         big = [SpoolRecord("raw", b"k", b"x" * 1000)] * 50
         assert await publisher.publish(big, budget=0.1) is Delivery.SPOOLED
@@ -181,7 +182,7 @@ async def test_g7_kafka_unreachable_at_start_spools_and_recovers(tmp_path: Path)
     kafka = MemoryKafka(start_fails=True)
     s = settings(tmp_path, gateway_breaker_max_cooldown_seconds=0.2)
     publisher = make_publisher(s, kafka)
-    await publisher.start(connect_timeout=0.2)
+    await publisher.start()
     try:
         assert publisher.ready()
         assert await publisher.publish(records(2), budget=0.3) is Delivery.SPOOLED
@@ -195,7 +196,7 @@ async def test_g7_kafka_unreachable_at_start_spools_and_recovers(tmp_path: Path)
 async def test_g7_drain_is_oldest_first_and_does_not_resend_inflight_chunks(tmp_path: Path) -> None:
     kafka = MemoryKafka(up=False)
     publisher = make_publisher(settings(tmp_path, gateway_kafka_request_timeout_seconds=0.2), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         for i in range(6):
             await publisher.publish(records(5, i * 5), budget=0.05)
@@ -224,12 +225,12 @@ async def test_g7_spool_survives_restart_and_drains_on_next_start(tmp_path: Path
     s = settings(tmp_path)
     down = MemoryKafka(up=False)
     first = make_publisher(s, down)
-    await first.start(connect_timeout=1)
+    await first.start()
     await first.publish(records(4), budget=0.05)
     await first.stop(drain_seconds=0.1)
     kafka = MemoryKafka()
     second = make_publisher(s, kafka)
-    await second.start(connect_timeout=1)
+    await second.start()
     try:
         await wait_for(lambda: len(kafka.topic("raw")) == 4)
     finally:
@@ -239,7 +240,7 @@ async def test_g7_spool_survives_restart_and_drains_on_next_start(tmp_path: Path
 async def test_g7_stop_drains_within_grace(tmp_path: Path) -> None:
     kafka = MemoryKafka(up=False)
     publisher = make_publisher(settings(tmp_path), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     await publisher.publish(records(20), budget=0.05)
     kafka.set_up(True)
     await publisher.stop(drain_seconds=5)
@@ -282,7 +283,7 @@ async def test_g7_refused_records_are_spooled_not_lost(tmp_path: Path, raise_on_
         producer_factory=lambda: RefusingProducer(raise_on_send=raise_on_send),
         spool=store,
     )
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         assert await publisher.publish(records(3), budget=0.3) is Delivery.SPOOLED
         assert store.records == 3
