@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
-from gateway.acks import Acknowledgements, Handover
+from aiokafka.errors import KafkaError
+
+from gateway.acks import Acknowledgements, Handover, PartitionBatches
 from gateway.breaker import Breaker
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics
-from gateway.producer import Producer
 from gateway.spool import SegmentContents, Spool
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,10 @@ class SpoolDrainer:
         metrics: GatewayMetrics,
         breaker: Breaker,
         acknowledgements: Acknowledgements,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._spool = spool
+        self._monotonic = monotonic
         self._metrics = metrics
         self._breaker = breaker
         self._acks = acknowledgements
@@ -39,7 +44,7 @@ class SpoolDrainer:
         # The segment being drained and how many of its records Kafka has acknowledged.
         self._segment: SegmentContents | None = None
         self._done = 0
-        # The current chunk, as handed to a producer, until all of it is acknowledged.
+        # The current chunk, as handed to a producer's batches, until all of it is acknowledged.
         self._handover: Handover | None = None
 
     @property
@@ -47,18 +52,18 @@ class SpoolDrainer:
         """Nothing spooled and nothing half drained."""
         return self._spool.records == 0 and self._segment is None
 
-    async def step(self, producer: Producer, *, stopping: bool) -> float:
+    async def step(self, batches: PartitionBatches, *, stopping: bool) -> float:
         """One drain attempt if one is due; returns how long to wait before the next step."""
         if self.idle:
             return 5.0
         if not self._breaker.closed and not self._breaker.try_trial(force=stopping):
             return max(0.05, self._breaker.seconds_until_trial())
-        if await self._drain_chunk(producer):
+        if await self._drain_chunk(batches):
             return 0.0
         # Not stopping: the open breaker's cooldown paces the next attempt. Stopping: trials are forced, so pace.
         return 0.2 if stopping else 0.0
 
-    async def _drain_chunk(self, producer: Producer) -> bool:
+    async def _drain_chunk(self, batches: PartitionBatches) -> bool:
         if self._segment is None:
             contents = await asyncio.to_thread(self._spool.oldest)
             if contents is None:
@@ -66,12 +71,27 @@ class SpoolDrainer:
                 return True
             self._segment, self._done, self._handover = contents, 0, None
         contents = self._segment
+        started = self._monotonic()
         handover = self._handover
-        if handover is None or handover.producer is not producer:
-            # A chunk handed to a producer that has since been replaced is sent again in full.
-            handover = Handover(producer, contents.records[self._done : self._done + self._chunk_size])
-        self._handover = handover
-        failure = await self._acks.deliver(handover, timeout=self._attempt_timeout, source="spool")
+        try:
+            async with asyncio.timeout(self._attempt_timeout):
+                if handover is None or handover.batches is not batches:
+                    # A chunk handed to a producer that has since been replaced is sent again in full.
+                    chunk = contents.records[self._done : self._done + self._chunk_size]
+                    # Spooled records name their topic as it was when they were spooled.
+                    await batches.learn(record.topic for record in chunk)
+                    handover = self._handover = batches.hand_over(chunk)
+                await handover.acknowledged()
+        except TimeoutError:
+            pass
+        except KafkaError as exc:
+            log.warning("kafka could not describe a spooled record's topic", extra={"error": repr(exc)})
+            self._acks.fail("spool", "kafka_error")
+            return False
+        if handover is None:
+            self._acks.fail("spool", "timeout")
+            return False
+        failure = self._acks.settle(handover, source="spool", started=started)
         if failure is not None:
             if failure == "kafka_error":
                 # Refused records are not retried by the producer: send the chunk again on the next attempt.

@@ -126,9 +126,11 @@ class Intake:
 
         ``headers`` by lower-case name, as HTTP/1.1 servers hand them over.
         """
-        source = client_address(peer, headers.get("x-forwarded-for"), self._trusted_proxies)
-        if not is_allowed(source, self._allow):
-            return FORBIDDEN
+        # Without an allow-list every source is allowed: no need to work out which one this is.
+        if self._allow:
+            source = client_address(peer, headers.get("x-forwarded-for"), self._trusted_proxies)
+            if not is_allowed(source, self._allow):
+                return FORBIDDEN
         params = extract_params(query)
         if isinstance(params, AuthFailure):
             return unauthorized(params)

@@ -130,7 +130,7 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, success_sample=settings.gateway_access_log_success_sample)
 
     app.add_api_route(
         settings.gateway_path,

@@ -1,6 +1,7 @@
 """Producer supervision: the one shared Kafka producer, connected, replaced when it dies or keeps failing, closed.
 
-Connecting and replacing drive the breaker (G7): no producer means open, a fresh one means closed.
+Connecting and replacing drive the breaker (G7): no producer means open, a fresh one means closed. Each producer
+comes with its own :class:`gateway.acks.PartitionBatches`.
 """
 
 from __future__ import annotations
@@ -8,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from gateway.acks import PartitionBatches, Producer
 from gateway.breaker import Breaker
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics
@@ -22,18 +23,6 @@ log = logging.getLogger(__name__)
 
 # Failed publishes in a row (breaker not closed) after which the producer is replaced by a new one.
 _REPLACE_AFTER_FAILURES = 5
-
-
-class Producer(Protocol):
-    """What the publisher needs of a Kafka producer (aiokafka's, or an in-memory one in unit tests)."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def send(
-        self, topic: str, value: bytes | None = None, key: bytes | None = None
-    ) -> asyncio.Future[Any]: ...
 
 
 ProducerFactory = Callable[[], Producer]
@@ -45,7 +34,6 @@ def kafka_producer_factory(settings: GatewaySettings) -> ProducerFactory:
             client_id=f"{settings.kafka_client_id_prefix}-gateway",
             acks="all",
             enable_idempotence=True,
-            linger_ms=settings.gateway_kafka_linger_ms,
             request_timeout_ms=int(settings.gateway_kafka_request_timeout_seconds * 1000),
             retry_backoff_ms=100,
             **settings.aiokafka_options(),
@@ -64,7 +52,7 @@ def _sender_is_dead(producer: Producer) -> bool:
 
 
 class ProducerSupervisor:
-    """Holds the current producer (None while Kafka cannot be reached) and keeps it usable."""
+    """Holds the current producer and its batches (None while Kafka cannot be reached) and keeps them usable."""
 
     def __init__(
         self,
@@ -72,18 +60,23 @@ class ProducerSupervisor:
         breaker: Breaker,
         metrics: GatewayMetrics,
         *,
+        topics: Sequence[str],
+        linger: float,
         connect_timeout: float,
         retry_delay: float,
         prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """``prepare`` runs before the producer first connects, until it succeeds (e.g. creating topics)."""
+        """``topics``: what requests publish to, whose partition counts the batches need before the first request.
+        ``prepare`` runs before the producer first connects, until it succeeds (e.g. creating topics)."""
         self._factory = factory
+        self._topics = topics
+        self._linger = linger
         self._breaker = breaker
         self._metrics = metrics
         self._connect_timeout = connect_timeout
         self._retry_delay = retry_delay
         self._prepare = prepare
-        self.producer: Producer | None = None
+        self.batches: PartitionBatches | None = None
 
     async def connect(self) -> bool:
         """Prepare Kafka if still needed and start a producer; close the breaker on success."""
@@ -96,44 +89,46 @@ class ProducerSupervisor:
             self._prepare = None
         producer = self._factory()
         try:
-            await asyncio.wait_for(producer.start(), self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                await producer.start()
+                batches = await PartitionBatches.for_topics(producer, self._topics, linger=self._linger)
         except (KafkaError, OSError, TimeoutError) as exc:
             self._metrics.producer_restarts.labels("failed").inc()
             log.warning("kafka producer could not start; spooling until it can", extra={"error": repr(exc)})
             await close_producer(producer, timeout=1.0)
             return False
         self._metrics.producer_restarts.labels("started").inc()
-        self.producer = producer
+        self.batches = batches
         self._breaker.success()
         return True
 
     async def maintain(self, *, stopping: bool) -> float | None:
         """Connect, or replace a dead or failing producer. The delay before the next step if it had to act (the
         producer is not usable yet), None when the current producer is fine."""
-        if self.producer is None:
+        if self.batches is None:
             if stopping:
                 return 0.0
             if not await self.connect():
                 self._breaker.force_open()
                 return self._retry_delay
             return 0.0
-        if _sender_is_dead(self.producer) or (
+        if _sender_is_dead(self.batches.producer) or (
             self._breaker.consecutive_failures >= _REPLACE_AFTER_FAILURES and not self._breaker.closed
         ):
             log.warning(
                 "recreating the kafka producer", extra={"failures": self._breaker.consecutive_failures}
             )
-            old, self.producer = self.producer, None
             self._breaker.force_open()
             self._breaker.forget_failures()
-            await close_producer(old, timeout=1.0)
+            await self.close(timeout=1.0)
             return 0.0
         return None
 
     async def close(self, *, timeout: float) -> None:
-        if self.producer is not None:
-            await close_producer(self.producer, timeout=timeout)
-            self.producer = None
+        if self.batches is not None:
+            old, self.batches = self.batches, None
+            old.close()
+            await close_producer(old.producer, timeout=timeout)
 
 
 async def close_producer(producer: Producer, *, timeout: float) -> None:

@@ -1,11 +1,11 @@
 """Publishing to Kafka behind a circuit breaker, with the durable spool as the fallback (G6, G7).
 
-A request's records go to Kafka directly while the breaker is closed; the request is answered once Kafka has
-acknowledged all of them. If Kafka has not within the publish budget (or refuses), the records that are still
+A request's records go to Kafka directly while the breaker is closed (in batches shared with concurrent requests,
+:mod:`gateway.acks`); the request is answered once Kafka has acknowledged all of them. If Kafka has not within the publish budget (or refuses), the records that are still
 unacknowledged are appended to the spool, the breaker opens, and the request is answered as if published. While
 the breaker is open, requests go straight to the spool without waiting on Kafka. One background task keeps the
 producer (:mod:`gateway.producer`) and drains the spool (:mod:`gateway.drainer`); the drainer's first success
-closes the breaker again. Acknowledgements are accounted for in one place, :mod:`gateway.acks`.
+closes the breaker again.
 
 The producer is idempotent with ``acks=all`` and retries undelivered batches until they are delivered, so a
 record that timed out may still reach Kafka later *and* be republished from the spool: delivery is at least
@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.acks import Acknowledgements, Handover
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Room a request needs in the spool for the gateway to call itself ready.
 READY_SPOOL_HEADROOM_BYTES = 256 * 1024
+# Below this much time left, a direct publish could not succeed anyway: spool without judging Kafka by it.
+MIN_DIRECT_PUBLISH_SECONDS = 0.25
 
 
 class Unavailable(Exception):
@@ -42,6 +45,23 @@ class Unavailable(Exception):
 class Delivery(StrEnum):
     PUBLISHED = "published"
     SPOOLED = "spooled"
+
+
+@dataclass(slots=True)
+class Publication:
+    """One request's records on their way: handed to Kafka (``handover``), or bound for the spool."""
+
+    records: Sequence[SpoolRecord]
+    started: float
+    handover: Handover | None = None
+
+    async def acknowledged(self) -> None:
+        """Until Kafka has acknowledged every record or refused one; at once for records bound for the spool.
+
+        Cancelling the wait (the request's deadline) is how a request stops waiting for Kafka.
+        """
+        if self.handover is not None:
+            await self.handover.acknowledged()
 
 
 class Publisher:
@@ -72,12 +92,16 @@ class Publisher:
             producer_factory,
             self.breaker,
             metrics,
+            topics=(settings.topic_raw, settings.topic_dlq),
+            linger=settings.gateway_kafka_linger_ms / 1000,
             connect_timeout=settings.gateway_publish_budget_seconds,
             retry_delay=settings.gateway_breaker_max_cooldown_seconds / 4,
             prepare=prepare,
         )
         self._drainer = (
-            SpoolDrainer(spool, settings, metrics, self.breaker, self._acks) if spool is not None else None
+            SpoolDrainer(spool, settings, metrics, self.breaker, self._acks, monotonic)
+            if spool is not None
+            else None
         )
         self._background: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -125,7 +149,7 @@ class Publisher:
         """Can accept a request now: Kafka is healthy, or the spool has room (G9)."""
         if self._stopping:
             return False
-        if self.breaker.closed and self._producers.producer is not None:
+        if self.breaker.closed and self._producers.batches is not None:
             return True
         if self.spool is None:
             return False
@@ -141,25 +165,33 @@ class Publisher:
 
     # -- the request path -------------------------------------------------------------------------------------
 
-    async def publish(self, records: Sequence[SpoolRecord], *, budget: float) -> Delivery:
-        """Kafka-acknowledged or durably spooled when this returns; :class:`Unavailable` otherwise."""
-        if not records:
-            return Delivery.PUBLISHED
-        producer = self._producers.producer
-        if producer is not None and not self._stopping:
+    def begin(self, records: Sequence[SpoolRecord], *, deadline: float) -> Publication:
+        """Hand the records to Kafka if the breaker lets them through and there is time to wait for it before
+        ``deadline`` (monotonic); otherwise they are bound for the spool. Await the publication's
+        :meth:`~Publication.acknowledged` until at most the deadline, then :meth:`finish` it."""
+        publication = Publication(records, self._monotonic())
+        batches = self._producers.batches
+        if (
+            records
+            and batches is not None
+            and not self._stopping
+            and deadline - publication.started >= MIN_DIRECT_PUBLISH_SECONDS
+        ):
             spool_empty = self.spool is None or self.spool.records == 0
             if self.breaker.closed or (spool_empty and self.breaker.try_trial()):
-                handover = Handover(producer, records)
-                if await self._acks.deliver(handover, timeout=budget, source="request") is None:
-                    return Delivery.PUBLISHED
-                records = handover.unacknowledged()
-        await self._to_spool(records)
-        return Delivery.SPOOLED
+                publication.handover = batches.hand_over(records)
+        return publication
 
-    async def publish_to_spool(self, records: Sequence[SpoolRecord]) -> Delivery:
-        """Spool without trying Kafka (too little of the request's budget is left to wait for an ack)."""
+    async def finish(self, publication: Publication) -> Delivery:
+        """Kafka-acknowledged or durably spooled when this returns; :class:`Unavailable` otherwise."""
+        records = publication.records
         if not records:
             return Delivery.PUBLISHED
+        handover = publication.handover
+        if handover is not None:
+            if self._acks.settle(handover, source="request", started=publication.started) is None:
+                return Delivery.PUBLISHED
+            records = handover.unacknowledged()
         await self._to_spool(records)
         return Delivery.SPOOLED
 
@@ -202,7 +234,7 @@ class Publisher:
                 past_deadline = (
                     self._draining_deadline is not None and self._monotonic() > self._draining_deadline
                 )
-                if drained or past_deadline or self._producers.producer is None:
+                if drained or past_deadline or self._producers.batches is None:
                     return
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -213,7 +245,7 @@ class Publisher:
         delay = await self._producers.maintain(stopping=self._stopping)
         if delay is not None:
             return delay
-        producer = self._producers.producer
-        if self._drainer is None or producer is None:
+        batches = self._producers.batches
+        if self._drainer is None or batches is None:
             return 5.0
-        return await self._drainer.step(producer, stopping=self._stopping)
+        return await self._drainer.step(batches, stopping=self._stopping)

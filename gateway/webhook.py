@@ -1,13 +1,14 @@
 """The webhook's HTTP glue: read the request, ask :mod:`gateway.intake`, publish, answer, count.
 
-Everything the webhook decides is decided by :class:`gateway.intake.Intake`; what stays here is what needs the
-request and the event loop: reading the body within the budget, and whether there is time left to wait for
-Kafka or the records go to the spool right away.
+Everything the webhook decides is decided by :class:`gateway.intake.Intake`, and where its records go by
+:class:`gateway.publisher.Publisher`; what stays here is what needs the request and the event loop: reading the
+body and waiting for Kafka, both within the request's one deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,14 +20,11 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from gateway.config import GatewaySettings
-from gateway.intake import BODY_NOT_RECEIVED, Answer, Intake
+from gateway.intake import BODY_NOT_RECEIVED, Accepted, Answer, Intake
 from gateway.metrics import GatewayMetrics
-from gateway.publisher import Publisher, Unavailable
+from gateway.publisher import Publication, Publisher, Unavailable
 
 log = logging.getLogger("gateway")
-
-# Below this much time left, a direct publish could not succeed anyway: spool without judging Kafka by it.
-_MIN_DIRECT_PUBLISH_SECONDS = 0.25
 
 
 def wall_ms() -> int:
@@ -51,12 +49,8 @@ class Gateway:
         return not self.shutting_down and self.publisher.ready()
 
 
-class _BodyTooLarge(Exception):
-    def __init__(self, prefix: bytes) -> None:
-        self.prefix = prefix
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> tuple[bytes, bool]:
+    """The body, or its first ``limit`` bytes and True when it is longer (never reading much past the limit)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         # Read no more than the limit: the prefix is all the dead letter keeps anyway.
@@ -65,13 +59,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
             prefix += chunk
             if len(prefix) > limit:
                 break
-        raise _BodyTooLarge(bytes(prefix[:limit]))
+        return bytes(prefix[:limit]), True
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise _BodyTooLarge(bytes(body[:limit]))
-    return bytes(body)
+            return bytes(body[:limit]), True
+    return bytes(body), False
 
 
 async def webhook(request: Request) -> Response:
@@ -79,9 +73,8 @@ async def webhook(request: Request) -> Response:
     # Taken from the app's state rather than through a FastAPI dependency: the webhook is the hot path, and
     # dependency solving is a measurable share of the framework's work per request.
     gateway: Gateway = request.app.state.gateway
-    settings = gateway.settings
     started = time.monotonic()
-    deadline = started + settings.gateway_publish_budget_seconds
+    deadline = started + gateway.settings.gateway_publish_budget_seconds
     received_at = wall_ms()
 
     admitted = gateway.intake.admit(
@@ -93,42 +86,42 @@ async def webhook(request: Request) -> Response:
     if isinstance(admitted, Answer):
         return _respond(request, gateway.metrics, admitted, started)
 
-    truncated = False
-    try:
-        async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-            body = await _read_body(request, settings.gateway_max_body_bytes)
-    except _BodyTooLarge as exc:
-        body, truncated = exc.prefix, True
-    except (TimeoutError, ClientDisconnect):
+    pending: tuple[Accepted, Publication] | None = None
+    # One deadline for the whole request: reading the body, then waiting for Kafka's acknowledgements. Past it
+    # while waiting for Kafka, what is not acknowledged goes to the spool.
+    with contextlib.suppress(TimeoutError, ClientDisconnect):
+        async with asyncio.timeout(max(0.1, deadline - started)):
+            body, truncated = await _read_body(request, gateway.settings.gateway_max_body_bytes)
+            taken = gateway.intake.take(admitted, body, truncated=truncated, received_at=received_at)
+            if isinstance(taken, Answer):
+                return _respond(request, gateway.metrics, taken, started)
+            pending = (taken, gateway.publisher.begin(taken.records, deadline=deadline))
+            await pending[1].acknowledged()
+    if pending is None:
+        # The body did not arrive in time, or the client went away while sending it.
         return _respond(request, gateway.metrics, BODY_NOT_RECEIVED, started)
 
-    taken = gateway.intake.take(admitted, body, truncated=truncated, received_at=received_at)
-    if isinstance(taken, Answer):
-        return _respond(request, gateway.metrics, taken, started)
-
-    remaining = deadline - time.monotonic()
+    accepted, publication = pending
     try:
-        if remaining < _MIN_DIRECT_PUBLISH_SECONDS:
-            delivery = await gateway.publisher.publish_to_spool(taken.records)
-        else:
-            delivery = await gateway.publisher.publish(taken.records, budget=remaining)
+        delivery = await gateway.publisher.finish(publication)
     except Unavailable as exc:
         log.error("cannot accept a callback: kafka unavailable and spool unusable", extra={"error": str(exc)})
-        return _respond(request, gateway.metrics, taken.unavailable(), started)
-    return _respond(request, gateway.metrics, taken.answer(delivery), started)
+        return _respond(request, gateway.metrics, accepted.unavailable(), started)
+    return _respond(request, gateway.metrics, accepted.answer(delivery), started)
 
 
 def _respond(request: Request, metrics: GatewayMetrics, answer: Answer, started: float) -> Response:
     if answer.auth_failure is not None:
-        metrics.auth_failures.labels(answer.auth_failure.value).inc()
+        metrics.auth_failures_by_reason[answer.auth_failure].inc()
     for status_name, outcome, count in answer.events:
-        metrics.events.labels(status_name, outcome).inc(count)
+        metrics.events_by[status_name, outcome].inc(count)
     for reason, count in answer.dead_letters:
-        metrics.dead_letters.labels(reason).inc(count)
+        metrics.dead_letters_by_reason[reason].inc(count)
     if answer.request_events is not None:
         metrics.request_events.observe(answer.request_events)
-    metrics.requests.labels(answer.outcome).inc()
-    metrics.request_duration.labels(answer.outcome).observe(time.monotonic() - started)
+    requests, duration = metrics.by_outcome[answer.outcome]
+    requests.inc()
+    duration.observe(time.monotonic() - started)
     # For the access log line (gateway.server.AccessLogMiddleware).
     state = request.scope.setdefault("state", {})
     state["outcome"] = answer.outcome
