@@ -171,3 +171,90 @@ def dead_letter(
         "delivery_id": delivery_id,
         "index": index,
     }
+
+
+# --- observations (R1) --------------------------------------------------------------------------------------
+# What RongCloud's server API (``/user/checkOnline.json``) answered about one user, published on RAW keyed by the
+# userid so the worker applies it in order with the user's events. A RAW record is an observation when its
+# ``kind`` is "observation"; upstream events carry no ``kind`` (``schemas/raw.v1.schema.json``).
+
+OBSERVATION_KIND: Final = "observation"
+# Why the user was checked, most urgent first (the checker's queue serves them in this order).
+ObservationSource = Literal["on_demand", "suspect", "intake_gap", "age"]
+OBSERVATION_SOURCES: Final[tuple[ObservationSource, ...]] = ("on_demand", "suspect", "intake_gap", "age")
+# The server API's *state* codes (its ``status`` field): not the webhook's event codes.
+ONLINE_BY_STATE_CODE: Final[Mapping[str, bool]] = {"1": True, "0": False}
+
+
+class Observation(NamedTuple):
+    """R1: the user was ``online`` (or not) when RongCloud answered a request sent at ``at`` (epoch ms).
+
+    ``at`` is the wall clock when the answered request was sent (the attempt that got the answer, not the first
+    of its retries): the state it reports held at some instant at or after ``at``, so an event older than
+    ``at`` can never be newer than what the observation saw. ``answered_at`` is when the answer arrived.
+    ``delivery_id`` is the RAW record's Kafka position, set by the decoder (as for events, S10).
+    """
+
+    userid: str
+    online: bool
+    at: int
+    source: ObservationSource
+    answered_at: int = 0
+    delivery_id: str = ""
+
+
+def encode_observation(observation: Observation) -> bytes:
+    """The RAW record of an observation (its key is the userid, UTF-8)."""
+    return orjson.dumps(
+        {
+            "schema": SCHEMA_VERSION,
+            "kind": OBSERVATION_KIND,
+            "userid": observation.userid,
+            "online": observation.online,
+            "at": observation.at,
+            "source": observation.source,
+            "answered_at": observation.answered_at,
+        }
+    )
+
+
+def is_observation(raw: Mapping[str, Any]) -> bool:
+    """Whether a decoded RAW value is an observation rather than an upstream event."""
+    return raw.get("kind") == OBSERVATION_KIND
+
+
+def observation_from_dict(raw: Mapping[str, Any], key: bytes | None, delivery_id: str) -> Observation:
+    """Check a decoded RAW value that :func:`is_observation`; raise :class:`InvalidRaw` if it is unusable."""
+    userid = raw.get("userid")
+    online = raw.get("online")
+    at = raw.get("at")
+    source = raw.get("source")
+    answered_at = raw.get("answered_at", 0)
+    if not isinstance(userid, str) or not userid or len(userid) > MAX_USERID_LENGTH:
+        raise InvalidRaw(
+            "invalid_raw", f"userid missing, not a string or over {MAX_USERID_LENGTH} characters"
+        )
+    if not isinstance(online, bool):
+        raise InvalidRaw("invalid_raw", "online missing or not a boolean")
+    if not isinstance(at, int) or isinstance(at, bool) or at < MIN_EVENT_TIME_MS:
+        raise InvalidRaw("invalid_raw", "at missing or not epoch milliseconds")
+    if source not in OBSERVATION_SOURCES:
+        raise InvalidRaw("invalid_raw", f"source {source!r} is not one of {', '.join(OBSERVATION_SOURCES)}")
+    if not isinstance(answered_at, int) or isinstance(answered_at, bool):
+        raise InvalidRaw("invalid_raw", "answered_at is not an integer")
+    if key is not None and key != userid.encode():
+        raise InvalidRaw("key_mismatch", "message key differs from userid")
+    return Observation(userid, online, at, source, answered_at, delivery_id)
+
+
+def decode_observation(key: bytes | None, value: bytes | None, delivery_id: str) -> Observation:
+    """Decode and check an observation record; raise :class:`InvalidRaw` if it is not a usable one."""
+    if value is None:
+        raise InvalidRaw("undecodable_raw", "empty value")
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRaw("undecodable_raw", f"not JSON: {exc}") from None
+    if not isinstance(raw, dict) or not is_observation(raw):
+        raise InvalidRaw("invalid_raw", f'not an observation (its "kind" must be "{OBSERVATION_KIND}")')
+    return observation_from_dict(raw, key, delivery_id)

@@ -26,6 +26,11 @@ class CommonSettings(BaseSettings):
 
     env: Literal["dev", "test", "prod"] = "dev"
 
+    # The RongCloud app this deployment serves: the gateway verifies callbacks with its secret, the worker signs
+    # its server-API requests (reconciliation) with it.
+    app_key: str = ""
+    app_secret: SecretStr = SecretStr("")
+
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism | None = None
@@ -46,6 +51,14 @@ class CommonSettings(BaseSettings):
     topic_raw_retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
     topic_dlq_retention_ms: int = Field(default=14 * 24 * 3600 * 1000, ge=-1)
     topic_transitions_retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
+    # STATE compaction. Kafka never compacts the active segment and by default rolls it after 7 days and
+    # cleans a partition only once half of it is superseded, so a bootstrap would read up to a week of every
+    # user's churn. An hour's segment and a 10 % dirty ratio bound that to about an hour's updates plus a tenth.
+    topic_state_segment_ms: int = Field(default=3600 * 1000, ge=60 * 1000)
+    topic_state_min_cleanable_dirty_ratio: float = Field(default=0.1, gt=0, le=1)
+    # Tombstones of deleted users are kept this long: a consumer must read STATE to its end within it, or it
+    # can miss a deletion (docs/consuming.md).
+    topic_state_delete_retention_ms: int = Field(default=24 * 3600 * 1000, ge=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

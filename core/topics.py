@@ -22,15 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class TopicError(RuntimeError):
-    """The product's topics could not be made usable; the message says what to do."""
+    """A topic exists with a layout the product cannot work with; the message says what to do."""
 
 
-class TopicLayoutError(TopicError):
-    """A topic exists with a layout the product cannot work with: retrying cannot help."""
-
-
-class TopicsNotReady(TopicError):
-    """Kafka could not be reached, or a partition had no leader in time: it may well work on a later try."""
+class KafkaUnreachable(TopicError):
+    """Kafka did not answer, or its partitions had no leader in time: worth trying again later."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +40,16 @@ class TopicSpec:
 def min_insync_replicas(replication_factor: int) -> int:
     """Two in-sync replicas when there are three (survives one broker loss with acks=all), else one."""
     return max(1, min(2, replication_factor - 1))
+
+
+def state_compaction(settings: CommonSettings) -> dict[str, str]:
+    """STATE's compaction configs: how much churn a bootstrap reads, how long tombstones stay (D2)."""
+    return {
+        "cleanup.policy": "compact",
+        "segment.ms": str(settings.topic_state_segment_ms),
+        "min.cleanable.dirty.ratio": str(settings.topic_state_min_cleanable_dirty_ratio),
+        "delete.retention.ms": str(settings.topic_state_delete_retention_ms),
+    }
 
 
 def product_topics(settings: CommonSettings) -> list[TopicSpec]:
@@ -78,8 +84,8 @@ def product_topics(settings: CommonSettings) -> list[TopicSpec]:
             settings.topic_partitions,
             rf,
             # Compacted: the newest record per user is kept forever, so a new consumer rebuilds everyone's
-            # presence from this topic alone; tombstones for deleted users are kept for a day.
-            {**base, "cleanup.policy": "compact", "delete.retention.ms": str(24 * 3600 * 1000)},
+            # presence from this topic alone (docs/consuming.md).
+            {**base, **state_compaction(settings)},
         ),
     ]
 
@@ -96,7 +102,7 @@ async def ensure_topics(
     try:
         await asyncio.wait_for(admin.start(), timeout)
     except (KafkaError, TimeoutError, OSError) as exc:
-        raise TopicsNotReady(
+        raise KafkaUnreachable(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({exc!r}); check "
             "PRESENCE_KAFKA_BOOTSTRAP_SERVERS and the security settings, or start a local broker with "
             "`presence kafka start`"
@@ -119,11 +125,6 @@ async def ensure_topics(
         for spec in missing:
             log.info("created topic", extra={"topic": spec.name, "partitions": spec.partitions})
         return [spec.name for spec in missing]
-    except (KafkaError, TimeoutError, OSError) as exc:
-        # The broker went away or stopped answering between the calls: as transient as not reaching it at all.
-        raise TopicsNotReady(
-            f"Kafka at {settings.kafka_bootstrap_servers} stopped answering ({exc!r})"
-        ) from exc
     finally:
         await admin.close()
 
@@ -136,7 +137,7 @@ async def _check_partitions(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) 
     for spec in specs:
         actual = counts.get(spec.name)
         if actual is not None and actual != spec.partitions:
-            raise TopicLayoutError(
+            raise TopicError(
                 f"topic {spec.name} has {actual} partitions but PRESENCE_TOPIC_PARTITIONS is "
                 f"{spec.partitions}; set PRESENCE_TOPIC_PARTITIONS={actual} (changing the partition count "
                 "of a keyed topic moves users between partitions and needs a migration)"
@@ -156,5 +157,5 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeou
         ):  # fmt: skip
             return
         if loop.time() > deadline:
-            raise TopicsNotReady(f"topics {names} have partitions without a leader after {timeout:.0f} s")
+            raise KafkaUnreachable(f"topics {names} have partitions without a leader after {timeout:.0f} s")
         await asyncio.sleep(0.1)

@@ -32,8 +32,7 @@ def _parse_networks(value: Any) -> Any:
 class GatewaySettings(CommonSettings):
     """Settings of the webhook gateway (``presence gateway``)."""
 
-    app_key: str = ""
-    app_secret: SecretStr = SecretStr("")
+    # app_key and app_secret are shared with the worker (it calls RongCloud's server API): core.settings.
     app_secret_previous: SecretStr | None = None
 
     gateway_host: str = "0.0.0.0"  # noqa: S104 - a container's service must listen on all interfaces

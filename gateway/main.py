@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import orjson
+from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.logs import configure_logging
-from core.topics import TopicsNotReady, ensure_topics
+from core.topics import KafkaUnreachable, ensure_topics
 from gateway.config import GatewaySettings, get_settings
 from gateway.intake import Intake
 from gateway.metrics import GatewayMetrics
@@ -45,15 +46,18 @@ def _json(status: int, content: dict[str, Any]) -> Response:
 
 
 async def _ensure_topics(settings: GatewaySettings) -> bool:
-    """Create the product's topics (D2); False if Kafka is not ready (retried before the producer connects).
+    """Create the product's topics (D2); False while Kafka cannot be reached, stops answering midway or leaves
+    partitions without a leader (retried before the producer connects).
 
-    A :class:`core.topics.TopicLayoutError` (topics that exist with a layout the product cannot use) is raised
+    Any other :class:`core.topics.TopicError` (topics that exist with a layout the product cannot use) is raised
     on: the gateway refuses to start rather than misroute users.
     """
     try:
         created = await ensure_topics(settings, timeout=ENSURE_TOPICS_TIMEOUT_SECONDS)
-    except TopicsNotReady as exc:
-        log.warning("could not ensure topics; Kafka not ready, spooling meanwhile", extra={"error": str(exc)})
+    except (KafkaUnreachable, KafkaError, OSError, TimeoutError) as exc:
+        log.warning(
+            "could not ensure topics; Kafka not ready, spooling meanwhile", extra={"error": repr(exc)}
+        )
         return False
     if created:
         log.info("created topics", extra={"topics": created})

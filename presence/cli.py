@@ -536,6 +536,104 @@ def query(userids: tuple[str, ...], url: str, token: str | None, as_json: bool) 
     raise SystemExit(3 if any(r is None for r in records.values()) else 0)
 
 
+@main.command("reconcile", short_help="Ask RongCloud whether users are online now (checkOnline).")
+@click.argument("userids", nargs=-1, required=True)
+@click.option("--api-url", "api_urls", multiple=True, metavar="URL",
+              help="Server-API base URL; repeat it for fail-over "
+              "[default: PRESENCE_RECONCILE_API_URLS, else https://api.rong-api.com, https://api-b.rong-api.com].")  # fmt: skip
+@click.option(
+    "--app-key", envvar="PRESENCE_APP_KEY", show_envvar=True, help="The RongCloud app key (required)."
+)
+@click.option("--secret", envvar="PRESENCE_APP_SECRET", show_envvar=True,
+              help="The app secret the requests are signed with (required).")  # fmt: skip
+@click.option("--publish", is_flag=True,
+              help="Also publish each answer to RAW as an observation (R1, source on_demand) for the workers "
+              "to apply; needs workers that know observations.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per user.")
+@_bootstrap_option
+def reconcile(
+    userids: tuple[str, ...], api_urls: tuple[str, ...], app_key: str | None, secret: str | None, publish: bool,
+    as_json: bool, bootstrap: str | None,
+) -> None:  # fmt: skip
+    """Ask RongCloud's server API (/user/checkOnline.json) whether each user (USERIDS) is online right now.
+
+    Requests are signed with the app secret, go to the first base URL and move to the next one when it fails,
+    are retried with back-off on network and server errors, and stay within PRESENCE_RECONCILE_BUDGET_PER_SECOND.
+    Compare the answers with `presence query USERID`: a user shown online whom RongCloud calls offline is a
+    ghost (a lost callback).
+
+    \b
+    Examples:
+      presence reconcile alice bob
+      presence reconcile --api-url http://127.0.0.1:8099 --json alice
+
+    Exit status: 0 when every user got an answer, 1 otherwise (each failure is printed with RongCloud's code).
+    """
+    from pydantic import SecretStr
+
+    from streams.config import WorkerSettings
+
+    if not app_key or not secret:
+        raise click.UsageError(
+            "need the app key and secret: --app-key/--secret or PRESENCE_APP_KEY/PRESENCE_APP_SECRET"
+        )
+    if bootstrap:
+        os.environ["PRESENCE_KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+    settings = _load(WorkerSettings)
+    update: dict[str, Any] = {"app_key": app_key, "app_secret": SecretStr(secret)}
+    if api_urls:
+        update["reconcile_api_urls"] = tuple(url.rstrip("/") for url in api_urls)
+    settings = settings.model_copy(update=update)
+    results = asyncio.run(_reconcile(settings, list(dict.fromkeys(userids)), publish))
+    failed = False
+    for userid, result in results:
+        if isinstance(result, Exception):
+            failed = True
+            code = getattr(result, "code", None)
+            if as_json:
+                click.echo(
+                    json.dumps({"userid": userid, "error": str(result), "code": code}, ensure_ascii=False)
+                )
+            else:
+                click.secho(f"{userid}  error: {result}", fg="red")
+            continue
+        if as_json:
+            click.echo(json.dumps({"userid": userid, "online": result.online, "sent_at": result.sent_at,
+                                   "answered_at": result.answered_at, "api": result.base_url}, ensure_ascii=False))  # fmt: skip
+        else:
+            from presence.observe import clock
+
+            state = click.style(
+                "online" if result.online else "offline", fg="green" if result.online else "yellow", bold=True
+            )
+            click.echo(f"{userid}  {state}  (asked {result.base_url} at {clock(result.sent_at)}, "
+                       f"{result.answered_at - result.sent_at} ms)")  # fmt: skip
+    raise SystemExit(1 if failed else 0)
+
+
+async def _reconcile(settings: Any, userids: list[str], publish: bool) -> list[tuple[str, Any]]:
+    from streams.checkonline import client_from_settings, publish_observation
+
+    async with client_from_settings(settings) as client:
+        answers = await asyncio.gather(*(client.check(u) for u in userids), return_exceptions=True)
+    results = list(zip(userids, answers, strict=True))
+    if publish and any(not isinstance(a, BaseException) for a in answers):
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(acks="all", **settings.aiokafka_options())
+        try:
+            await producer.start()
+            for _, answer in results:
+                if not isinstance(answer, BaseException):
+                    await publish_observation(producer, settings.topic_raw, answer.observation("on_demand"))
+        except Exception as exc:  # the answers are printed either way; say why RAW missed them
+            click.secho(f"error: could not publish to {settings.topic_raw}: {exc}", fg="red", err=True)
+            raise SystemExit(1) from exc
+        finally:
+            await producer.stop()
+    return results
+
+
 @main.command("tail", short_help="Follow transitions (or STATE records) live.")
 @click.option(
     "--user", "-u", metavar="USERID", help="Only this user's messages (reads just their partition)."
@@ -652,6 +750,8 @@ def topics(app_ids: tuple[str, ...], by_partition: bool, as_json: bool, bootstra
             config_text = config.get("cleanup.policy", "?")
             if retention and config.get("cleanup.policy") == "delete":
                 config_text += f", {_duration(int(retention))}"
+            if config.get("cleanup.policy") == "compact":
+                config_text += _compaction_text(config)
             lag = ", ".join(f"{g}: {n}" for g, n in (info.lag or {}).items())
             if by_partition and info.lag_by_partition:
                 lag += "".join(
@@ -667,6 +767,19 @@ def topics(app_ids: tuple[str, ...], by_partition: bool, as_json: bool, bootstra
             console.width = 200  # a pipe or a log file: no need to wrap
         console.print(table)
     raise SystemExit(3 if any(not info.exists for info in infos[:4]) else 0)
+
+
+def _compaction_text(config: dict[str, str]) -> str:
+    """Segment roll, dirty ratio and tombstone retention of a compacted topic, one per line."""
+    parts = []
+    if "segment.ms" in config:
+        parts.append(f"segment {_duration(int(config['segment.ms']))}")
+    if "min.cleanable.dirty.ratio" in config:
+        parts.append(f"dirty ratio {float(config['min.cleanable.dirty.ratio']):g}")
+    if "delete.retention.ms" in config:
+        parts.append(f"tombstones {_duration(int(config['delete.retention.ms']))}")
+    # One per line: the table stays narrow enough for a terminal beside the lag column.
+    return "".join(f"\n{part}" for part in parts)
 
 
 def _duration(ms: int) -> str:

@@ -231,7 +231,15 @@ class TopicInfo:
     lag_by_partition: dict[str, dict[int, int]] | None = None
 
 
-_SHOWN_CONFIGS = ("cleanup.policy", "retention.ms", "min.insync.replicas")
+_SHOWN_CONFIGS = (
+    "cleanup.policy",
+    "retention.ms",
+    "min.insync.replicas",
+    # STATE's compaction (D2): how much churn a bootstrap reads and how long tombstones stay.
+    "segment.ms",
+    "min.cleanable.dirty.ratio",
+    "delete.retention.ms",
+)
 
 
 async def describe(

@@ -110,6 +110,16 @@ class Target:
         return f"{parts.scheme}://{parts.netloc}"
 
 
+def signed_request(target: Target, delivery: Delivery, base_ms: int, now_ms: int) -> tuple[str, bytes]:
+    """The URL (signed now, as upstream signs each request) and JSON body of ``delivery``, whose event times are
+    relative to ``base_ms``."""
+    timestamp = str(now_ms)
+    query = urlencode({"appKey": target.app_key, "timestamp": timestamp, "nonce": delivery.nonce,
+                       "signature": compute_signature(target.secret, delivery.nonce, timestamp)})  # fmt: skip
+    body = orjson.dumps([{**e, "time": base_ms + e["time"]} for e in delivery.events])
+    return f"{target.url}?{query}", body
+
+
 async def check_reachable(client: aiohttp.ClientSession, target: Target) -> None:
     """Fail early, with what to do, when nothing listens at the gateway's address."""
     try:
@@ -153,11 +163,7 @@ async def send(
                 if delivery.retry_of is not None and delivery.retry_of in sent_as:
                     url, body = sent_as[delivery.retry_of]
                 else:
-                    timestamp = str(_wall_ms())
-                    query = urlencode({"appKey": target.app_key, "timestamp": timestamp, "nonce": delivery.nonce,
-                                       "signature": compute_signature(target.secret, delivery.nonce, timestamp)})  # fmt: skip
-                    url = f"{target.url}?{query}"
-                    body = orjson.dumps([{**e, "time": base_ms + e["time"]} for e in delivery.events])
+                    url, body = signed_request(target, delivery, base_ms, _wall_ms())
                     if index in retried:
                         sent_as[index] = (url, body)
                 started = time.perf_counter()

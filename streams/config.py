@@ -7,15 +7,21 @@ topics and logging).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from core.contract import DEFAULT_WORKER_APP_ID
 from core.settings import CommonSettings
 from streams.rules import PresenceConfig
 
 _MINUTE = 60.0
+_HOUR = 3600.0
 _DAY = 24 * 3600.0
+# RongCloud's server-API hosts for the China (Beijing) data centre, primary then backup (docs/reconciliation.md).
+_RONGCLOUD_API_URLS = ("https://api.rong-api.com", "https://api-b.rong-api.com")
 
 
 class WorkerSettings(CommonSettings):
@@ -46,6 +52,15 @@ class WorkerSettings(CommonSettings):
     worker_session_timeout_seconds: float = Field(default=30, gt=0)
     worker_heartbeat_interval_seconds: float = Field(default=3, gt=0)
     worker_commit_interval_seconds: float = Field(default=2.0, gt=0)
+    worker_group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Static group membership (Kafka's group.instance.id), unique per worker and stable across its "
+            "restarts (the pod name of a StatefulSet): a worker back within the session timeout keeps its "
+            "partitions without a rebalance. Unset: dynamic membership."
+        ),
+    )
     worker_producer_linger_ms: int = Field(
         default=5, ge=0, le=1000, description="How long the worker's producer waits to fill a batch."
     )
@@ -97,3 +112,63 @@ class WorkerSettings(CommonSettings):
             include_client_ip=self.worker_include_client_ip,
             transition_memory=self.worker_transition_memory,
         )
+
+    # --- reconciliation: RongCloud's checkOnline (docs/reconciliation.md) ------------------------------------
+    # Kept together at the end of the class. The API is signed with PRESENCE_APP_KEY / PRESENCE_APP_SECRET.
+
+    reconcile_enabled: bool | None = Field(
+        default=None,
+        description="Check doubted users with RongCloud's server API; default: on when the app key and secret "
+        "are set.",
+    )
+    reconcile_api_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=_RONGCLOUD_API_URLS,
+        description="Server-API base URLs, comma-separated, tried in turn when one fails.",
+    )
+    reconcile_budget_per_second: float = Field(
+        default=50.0,
+        gt=0,
+        le=10_000,
+        description="checkOnline calls per second for the whole deployment (RongCloud allows 100 per app).",
+    )
+    reconcile_max_silence_seconds: float = Field(default=4 * _HOUR, gt=0)
+    reconcile_recheck_interval_seconds: float = Field(default=_HOUR, gt=0)
+    reconcile_margin_seconds: float = Field(default=30.0, ge=0, le=3600)
+    reconcile_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    reconcile_attempts: int = Field(default=3, ge=1, le=10)
+    reconcile_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
+    reconcile_concurrency: int = Field(default=8, ge=1, le=256)
+    reconcile_queue_capacity: int = Field(default=100_000, ge=100)
+    reconcile_gap_cap: int = Field(default=10_000, ge=0)
+    reconcile_gap_lookback_seconds: float = Field(default=60.0, ge=0)
+
+    @field_validator("reconcile_api_urls", mode="before")
+    @classmethod
+    def _api_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("name at least one base URL")
+            for url in value:
+                parts = urlsplit(str(url))
+                if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+                    raise ValueError(f"{url!r} is not a base URL such as https://api.rong-api.com")
+            return tuple(str(url).rstrip("/") for url in value)
+        return value
+
+    @model_validator(mode="after")
+    def _reconcile_has_credentials(self) -> WorkerSettings:
+        if self.reconcile_enabled and not (self.app_key and self.app_secret.get_secret_value()):
+            raise ValueError(
+                "PRESENCE_RECONCILE_ENABLED=true needs PRESENCE_APP_KEY and PRESENCE_APP_SECRET (the server API "
+                "is signed with the app secret)"
+            )
+        return self
+
+    @property
+    def reconcile_active(self) -> bool:
+        """Whether this worker checks doubted users with RongCloud."""
+        if self.reconcile_enabled is not None:
+            return self.reconcile_enabled
+        return bool(self.app_key and self.app_secret.get_secret_value())

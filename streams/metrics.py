@@ -9,11 +9,14 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # M3: the os label only takes upstream's five platforms, anything else is "other".
+# The query API's routes, by their templates (a closed set: the user id is never a label).
+QUERY_ROUTES = ("/presence/{userid}", "/presence:batch", "/metrics", "/healthz", "/readyz")
 KNOWN_PLATFORMS = ("iOS", "Android", "Websocket", "PC", "MiniProgram")
 OUTCOMES = ("applied", "duplicate", "stale", "invalid")
 STATUSES = ("online", "offline", "logged_out")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_QUERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _EVENT_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 3600.0)
 
 
@@ -136,6 +139,21 @@ class WorkerMetrics:
             ["partition"],
             registry=r,
         )
+        self.query_requests = Counter(
+            "presence_worker_query_requests_total",
+            "Query API requests by route (template) and HTTP status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.query_request_duration = Histogram(
+            "presence_worker_query_request_duration_seconds",
+            "Query API latency by route, from the handler's start to its response (forwarding included).",
+            ["route"],
+            buckets=_QUERY_BUCKETS,
+            registry=r,
+        )
+        for route in QUERY_ROUTES:
+            self.query_request_duration.labels(route)
         self.ready = Gauge(
             "presence_worker_ready",
             "1 when the worker has partitions assigned and recovered and is processing, else 0.",

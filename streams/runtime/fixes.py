@@ -1,15 +1,16 @@
-"""A correction to faust-streaming that the processing guarantee (S10) depends on.
+"""A correction to faust-streaming that the processing guarantee (S10) depends on, applied to one app only.
 
-Table writes reach Kafka through Faust's ``ProducerBuffer``: ``table[key] = value`` only queues the changelog
-message, and a background task hands it to the Kafka client later. Before committing offsets Faust calls
-``ProducerBuffer.flush()``, which gives up after 0.1 s without progress and never waits for a message the
-background task has taken but not yet handed over. A commit can then cover a message whose table write never
-reached the changelog; after a crash the restored table silently lacks that write (seen in our kill -9 test as
-users whose final record missed a session).
+Before committing offsets Faust flushes its producer, which calls ``ProducerBuffer.flush()``. Faust's flush
+gives up after 0.1 s without progress and never waits for a message the buffer's background task has taken
+but not yet handed to the Kafka client, nor for Kafka's acknowledgement. A commit could then cover a message
+whose output never reached Kafka; after a crash it is lost (seen in the kill -9 test as users whose final
+record missed a session, when table writes still went through the buffer).
 
-The replacement ``flush`` hands every queued message to the client itself and then waits until every changelog
-message queued so far is acknowledged by Kafka, so a commit only ever covers durable table writes. A failed
-send raises, which aborts the commit and lets the messages be processed again.
+:func:`install` replaces ``put`` and ``flush`` on one app's buffer instance (the class and every other app are
+left alone): the new ``flush`` hands every queued message to the client itself and then waits until every
+message put so far, and every send held with :meth:`CommitGate.hold`, is acknowledged. A failed send raises,
+which aborts the commit (Faust crashes its consumer and with it the app), so the messages are processed again; it
+raises even when it failed long before the commit, which a gate that merely forgot settled sends would miss.
 """
 
 from __future__ import annotations
@@ -17,42 +18,55 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from faust.transport.producer import ProducerBuffer
-
-_UNACKED = "_presence_unacked"
+from streams.runtime import internals
 
 
-def install() -> None:
-    """Patch ``ProducerBuffer`` once per process (idempotent)."""
-    if getattr(ProducerBuffer, "_presence_fixed", False):
-        return
-    original_put = ProducerBuffer.put
+class CommitGate:
+    """Sends the next offset commit waits for (and fails with)."""
 
-    def put(self: Any, fut: Any) -> None:
-        unacked: set[Any] = self.__dict__.setdefault(_UNACKED, set())
-        unacked.add(fut)
-        fut.add_done_callback(unacked.discard)
-        original_put(self, fut)
+    def __init__(self) -> None:
+        self._unacked: set[asyncio.Future[Any]] = set()
 
-    async def flush(self: Any) -> None:
-        while not self.pending.empty():
-            await self._send_pending(self.pending.get_nowait())
-            self.message_sent.set()
-        unacked = list(self.__dict__.get(_UNACKED, ()))
-        if unacked:
-            await asyncio.gather(*unacked)
+    def hold(self, sent: asyncio.Future[Any]) -> None:
+        """Make the next commit wait for ``sent``: a message handed to the Kafka client, not yet acknowledged.
 
-    ProducerBuffer.put = put  # type: ignore[method-assign]
-    ProducerBuffer.flush = flush  # type: ignore[method-assign]
-    ProducerBuffer._presence_fixed = True  # type: ignore[attr-defined]
+        The client's own flush, which Faust also calls before a commit, waits for delivery but not for success;
+        :meth:`wait` awaits ``sent`` and so raises if it failed.
+        """
+        self._unacked.add(sent)
+        sent.add_done_callback(self._acknowledged)
+
+    def _acknowledged(self, sent: asyncio.Future[Any]) -> None:
+        # Only a success is forgotten. A failed (or cancelled) send stays, so every later commit raises it:
+        # forgetting it would let the next commit cover a write Kafka never got.
+        if not sent.cancelled() and sent.exception() is None:
+            self._unacked.discard(sent)
+
+    def __len__(self) -> int:
+        return len(self._unacked)
+
+    async def wait(self) -> None:
+        """Return once every held send is acknowledged; raise if one failed (now or before)."""
+        if self._unacked:
+            await asyncio.gather(*list(self._unacked))
 
 
-def hold_commit_until_acked(producer: Any, sent: asyncio.Future[Any]) -> None:
-    """Make the next offset commit wait for ``sent`` (a message handed to the Kafka client directly).
+def install(producer: Any) -> CommitGate:
+    """Patch the ``ProducerBuffer`` of one Faust ``producer``; return the gate its flush waits on."""
+    buffer = producer.buffer
+    gate = CommitGate()
+    original_put = buffer.put
 
-    The client's own flush, which Faust also calls before a commit, waits for delivery but not for success; the
-    patched ``flush`` awaits ``sent`` and so raises if it failed.
-    """
-    unacked: set[Any] = producer.buffer.__dict__.setdefault(_UNACKED, set())
-    unacked.add(sent)
-    sent.add_done_callback(unacked.discard)
+    def put(fut: Any) -> None:
+        gate.hold(fut)
+        original_put(fut)
+
+    async def flush() -> None:
+        await internals.drain_producer_buffer(buffer)
+        await gate.wait()
+
+    # Instance attributes shadow the class's methods for this buffer only; Faust calls them through the
+    # instance (Producer.send_soon, Producer.flush, the buffer's on_stop).
+    buffer.put = put
+    buffer.flush = flush
+    return gate

@@ -52,6 +52,10 @@ async def test_d2_product_creates_its_topics_with_explicit_configs(common_settin
             for resource in response.resources
         }
         assert by_topic[common_settings.topic_state]["cleanup.policy"] == "compact"
+        # STATE's compaction tuning (D2): bounded churn for a bootstrap, tombstones kept for a day.
+        assert by_topic[common_settings.topic_state]["segment.ms"] == "3600000"
+        assert by_topic[common_settings.topic_state]["min.cleanable.dirty.ratio"] == "0.1"
+        assert by_topic[common_settings.topic_state]["delete.retention.ms"] == "86400000"
         assert by_topic[common_settings.topic_raw]["cleanup.policy"] == "delete"
         assert by_topic[common_settings.topic_raw]["retention.ms"] == str(
             common_settings.topic_raw_retention_ms

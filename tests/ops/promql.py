@@ -27,6 +27,9 @@ GRAFANA_VARIABLES = {
     "$__range": "1h",
     "$gateway_job": ".+",
     "$streams_job": ".+",
+    # "All" of these matches series without the label too (docker-compose has no namespace).
+    "$namespace": ".*",
+    "$pod": ".*",
 }
 
 
@@ -93,6 +96,47 @@ def panel_queries() -> Iterator[tuple[str, str, str]]:
         for panel in panels(dashboard):
             for target in panel.get("targets", []):
                 yield name, panel["title"], target["expr"]
+
+
+# Series the rules and dashboards read that the services do not export, each with where it comes from. The
+# kafka-exporter names are the ones danielqsj/kafka_exporter v1.9.0 defines (kafka_exporter.go, its NewDesc
+# calls); kube-state-metrics and cAdvisor/kubelet names are their standard ones (docs/operations.md lists what
+# each rule and panel needs).
+KAFKA_EXPORTER_METRICS = frozenset(
+    {
+        "kafka_brokers",
+        "kafka_broker_info",
+        "kafka_topic_partitions",
+        "kafka_topic_partition_current_offset",
+        "kafka_topic_partition_oldest_offset",
+        "kafka_topic_partition_leader",
+        "kafka_topic_partition_replicas",
+        "kafka_topic_partition_in_sync_replica",
+        "kafka_topic_partition_leader_is_preferred",
+        "kafka_topic_partition_under_replicated_partition",
+        "kafka_consumergroup_current_offset",
+        "kafka_consumergroup_current_offset_sum",
+        "kafka_consumergroup_lag",
+        "kafka_consumergroup_lag_sum",
+        "kafka_consumergroup_members",
+    }
+)
+KUBE_STATE_METRICS = frozenset(
+    {"kube_persistentvolumeclaim_info", "kube_pod_spec_volumes_persistentvolumeclaims_info"}
+)
+CADVISOR_KUBELET_METRICS = frozenset(
+    {
+        "container_cpu_usage_seconds_total",
+        "container_cpu_cfs_throttled_periods_total",
+        "container_cpu_cfs_periods_total",
+        "container_memory_working_set_bytes",
+        "container_spec_memory_limit_bytes",
+        "kubelet_volume_stats_used_bytes",
+        "kubelet_volume_stats_capacity_bytes",
+    }
+)
+# `up` is Prometheus's own series for every target.
+EXTERNAL_METRICS = frozenset({"up"}) | KAFKA_EXPORTER_METRICS | KUBE_STATE_METRICS | CADVISOR_KUBELET_METRICS
 
 
 def exported_names() -> set[str]:

@@ -4,7 +4,15 @@ promises (probes, security context, volumes, secrets, limits) asserted on the re
 
 from __future__ import annotations
 
+import http.server
+import json
+import re
+import shutil
 import subprocess
+import sys
+import tarfile
+import threading
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -140,11 +148,15 @@ def test_pods_run_non_root_read_only_with_probes_and_resources(
     rendered: Callable[[str], Manifests], scenario: str
 ) -> None:
     workloads = [m for m in rendered(scenario) if m["kind"] in ("Deployment", "StatefulSet")]
-    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in workloads} == {
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in workloads} - {
+        "kafka-exporter"
+    } == {
         "gateway",
         "streams",
     }
     for workload in workloads:
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] == "kafka-exporter":
+            continue  # checked in test_kafka_exporter_*
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["automountServiceAccountToken"] is False
@@ -179,11 +191,13 @@ def test_gateway_spool_is_on_a_persistent_volume_per_replica(rendered: Callable[
         "data"
     ]
     grace = gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # Autoscaled: the preStop hook first waits for the spool to empty (at most 300 s after a 10 s pause).
+    script = container["lifecycle"]["preStop"]["exec"]["command"][2]
+    assert "time.sleep(10)" in script and "+ 300" in script
     drain = int(config["PRESENCE_GATEWAY_SHUTDOWN_GRACE_SECONDS"]) + int(
         config["PRESENCE_GATEWAY_SHUTDOWN_DRAIN_SECONDS"]
     )
-    assert grace > pause + drain
+    assert grace > 10 + 300 + drain
     assert config["PRESENCE_GATEWAY_SPOOL_DIR"] == "/var/lib/presence/spool"
     hpa = one(manifests, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
@@ -334,7 +348,6 @@ def test_monitoring_objects_carry_the_repository_alerts_and_dashboards(
     rule = one(manifests, "PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
-    assert (CHART / "files" / "alerts.yml").read_text() == ALERTS.read_text()
     dashboards = next(m for m in manifests if m["metadata"]["name"].endswith("-dashboards"))
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboards["metadata"]["namespace"] == "monitoring"
@@ -347,6 +360,7 @@ def test_monitoring_objects_carry_the_repository_alerts_and_dashboards(
     assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {
         "gateway",
         "streams",
+        "kafka-exporter",
     }
     # Each ServiceMonitor selects exactly one Service of its component.
     services = find(manifests, "Service")
@@ -376,3 +390,487 @@ def test_helm_test_pod_checks_both_components(rendered: Callable[[str], Manifest
     script = pod["spec"]["containers"][0]["args"][0]
     assert "rel-presence-gateway:80" in script and "rel-presence-streams:6066" in script
     compile(script, "helm-test", "exec")
+
+
+def test_the_chart_reads_the_one_copy_of_the_alerts_and_dashboards(helm: Path, tmp_path: Path) -> None:
+    # Kept once (prometheus/alerts.yml, grafana/dashboards/): the chart reaches them through symlinks, which helm
+    # follows when it renders and copies as plain files when it packages, so a published chart is complete.
+    alerts_link, dashboards_link = CHART / "files" / "alerts.yml", CHART / "dashboards"
+    assert alerts_link.is_symlink() and alerts_link.resolve() == ALERTS.resolve()
+    assert dashboards_link.is_symlink() and dashboards_link.resolve() == DASHBOARDS.resolve()
+    done = subprocess.run(
+        [str(helm), "package", str(CHART), "--destination", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (package,) = tmp_path.glob("presence-*.tgz")
+    with tarfile.open(package) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+
+        def read(name: str) -> str:
+            member = members[f"presence/{name}"]
+            assert member.isfile(), f"{name} is packaged as a link, not as its content"
+            extracted = archive.extractfile(member)
+            assert extracted is not None
+            return extracted.read().decode()
+
+        assert read("files/alerts.yml") == ALERTS.read_text()
+        boards = sorted(p.name for p in DASHBOARDS.glob("*.json"))
+        assert boards and all(
+            read(f"dashboards/{name}") == (DASHBOARDS / name).read_text() for name in boards
+        )
+
+
+# --- scaling, shutdown and rebalances ------------------------------------------------------------------------------
+
+AUTOSCALED = {**MINIMAL, "gateway.autoscaling.enabled": "true"}
+
+
+def test_autoscaling_a_persistent_spool_is_refused_without_the_prestop_drain(helm: Path) -> None:
+    with pytest.raises(RenderError) as failed:
+        render(helm, values=AUTOSCALED, check=False)
+    assert "gateway.autoscaling.enabled with a persistent spool strands events" in str(failed.value)
+    assert "gateway.shutdown.preStopDrain.enabled=true" in str(failed.value)
+    # With the drain (and a grace period that covers it) it renders; without persistence there is no volume to strand.
+    drained = render(
+        helm,
+        values={
+            **AUTOSCALED,
+            "gateway.shutdown.preStopDrain.enabled": "true",
+            "gateway.terminationGracePeriodSeconds": "400",
+        },
+    )
+    assert one(drained, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert one(
+        render(helm, values={**AUTOSCALED, "gateway.spool.persistence.enabled": "false"}),
+        "Deployment",
+        "gateway",
+    )
+
+
+def test_the_prestop_drain_must_fit_in_the_grace_period(helm: Path) -> None:
+    with pytest.raises(RenderError) as failed:
+        render(helm, values={**MINIMAL, "gateway.shutdown.preStopDrain.enabled": "true"}, check=False)
+    # 5 s pause + 300 s drain wait + 10 s grace + 30 s drain + 5 s.
+    assert "gateway.terminationGracePeriodSeconds (60) must be at least 350" in str(failed.value)
+
+
+class _Readyz(http.server.BaseHTTPRequestHandler):
+    """A gateway's /readyz whose spool empties after a few polls (503 while not ready, as the gateway answers)."""
+
+    answers: list[tuple[int, dict[str, Any]]] = []
+    polls = 0
+
+    def do_GET(self) -> None:
+        type(self).polls += 1
+        status, body = self.answers[min(self.polls, len(self.answers)) - 1]
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_prestop_drain_waits_until_the_spool_is_empty(helm: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Readyz)
+    _Readyz.answers = [
+        (503, {"ready": False, "spool_records": 40}),
+        (200, {"ready": True, "spool_records": 12}),
+        (200, {"ready": True, "spool_records": 0}),
+        (200, {"ready": True, "spool_records": 99}),  # never reached: the hook has returned
+    ]
+    _Readyz.polls = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        manifests = render(
+            helm,
+            values={
+                **MINIMAL,
+                "gateway.port": str(server.server_address[1]),
+                "gateway.shutdown.preStopSleepSeconds": "0",
+                "gateway.shutdown.preStopDrain.enabled": "true",
+                "gateway.terminationGracePeriodSeconds": "400",
+            },
+        )
+        (container,) = one(manifests, "StatefulSet", "gateway")["spec"]["template"]["spec"]["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["python", "-c"]
+        done = subprocess.run([sys.executable, "-c", command[2]], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert _Readyz.polls == 3
+    finally:
+        server.shutdown()
+
+
+def test_the_prestop_drain_gives_up_when_the_gateway_is_gone(helm: Path) -> None:
+    # Nothing listens: the hook returns at once instead of holding the pod for the whole timeout.
+    manifests = render(
+        helm,
+        values={
+            **MINIMAL,
+            "gateway.port": "1",
+            "gateway.shutdown.preStopSleepSeconds": "0",
+            "gateway.shutdown.preStopDrain.enabled": "true",
+            "gateway.terminationGracePeriodSeconds": "400",
+        },
+    )
+    (container,) = one(manifests, "StatefulSet", "gateway")["spec"]["template"]["spec"]["containers"]
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", container["lifecycle"]["preStop"]["exec"]["command"][2]], timeout=60
+    )
+    assert done.returncode == 0 and time.monotonic() - started < 30
+
+
+def test_workers_join_with_a_static_group_membership_named_after_the_pod(helm: Path) -> None:
+    (container,) = one(render(helm, values=MINIMAL), "StatefulSet", "streams")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PRESENCE_WORKER_GROUP_INSTANCE_ID"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
+    off = render(helm, values={**MINIMAL, "streams.staticMembership": "false"})
+    (container,) = one(off, "StatefulSet", "streams")["spec"]["template"]["spec"]["containers"]
+    assert "PRESENCE_WORKER_GROUP_INSTANCE_ID" not in {e["name"] for e in container["env"]}
+
+
+def test_the_query_service_keeps_not_ready_workers_so_clients_get_the_apps_503(
+    rendered: Callable[[str], Manifests],
+) -> None:
+    for scenario in SCENARIOS:
+        services = find(rendered(scenario), "Service", "streams")
+        assert services and all(s["spec"]["publishNotReadyAddresses"] is True for s in services), scenario
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_disruption_budgets_let_unhealthy_pods_be_evicted(
+    rendered: Callable[[str], Manifests], scenario: str
+) -> None:
+    for budget in find(rendered(scenario), "PodDisruptionBudget"):
+        assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+@pytest.mark.parametrize(
+    ("size", "max_bytes", "fits"),
+    [
+        ("2Gi", 1073741824, True),
+        ("1Gi", 1073741824, False),
+        ("1200M", 1073741824, True),
+        ("1100M", 1073741824, False),
+    ],
+)
+def test_the_spool_limit_must_fit_its_volume(helm: Path, size: str, max_bytes: int, fits: bool) -> None:
+    values = {**MINIMAL, "gateway.spool.persistence.size": size, "gateway.spool.maxBytes": str(max_bytes)}
+    if fits:
+        assert render(helm, values=values)
+        return
+    with pytest.raises(RenderError) as failed:
+        render(helm, values=values, check=False)
+    assert (
+        f"gateway.spool.maxBytes ({max_bytes}) does not fit gateway.spool.persistence.size ({size})"
+        in str(failed.value)
+    )
+
+
+def test_an_unreadable_volume_size_is_refused(helm: Path) -> None:
+    with pytest.raises(RenderError) as failed:
+        render(helm, values={**MINIMAL, "gateway.spool.persistence.size": "2Gb"}, check=False)
+    assert "gateway/spool/persistence/size': '2Gb' does not match pattern" in str(failed.value)
+
+
+# --- network policies ---------------------------------------------------------------------------------------------
+
+
+def test_gateway_from_keeps_prometheus_and_the_helm_test_pod_admitted(helm: Path) -> None:
+    ingress_controller = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    }
+    manifests = render(
+        helm,
+        "--set-json",
+        f"networkPolicy.gatewayFrom=[{json.dumps(ingress_controller)}]",
+        values=MINIMAL,
+    )
+    (rule,) = one(manifests, "NetworkPolicy", "gateway")["spec"]["ingress"]
+    peers = rule["from"]
+    assert ingress_controller in peers
+    # The scraper (metricsFrom's default: the monitoring namespace) shares the port with the webhook.
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
+    # The helm test pod is one of the release's pods.
+    test_pod = one(manifests, "Pod")
+    release_peers = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p and len(p) == 1]
+    assert any(wanted.items() <= test_pod["metadata"]["labels"].items() for wanted in release_peers)
+    # Without gatewayFrom the webhook stays open to every source.
+    (open_rule,) = one(render(helm, values=MINIMAL), "NetworkPolicy", "gateway")["spec"]["ingress"]
+    assert "from" not in open_rule
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_egress_reaches_the_brokers_by_selectors_not_addresses(
+    rendered: Callable[[str], Manifests], scenario: str
+) -> None:
+    for policy in find(rendered(scenario), "NetworkPolicy"):
+        for rule in policy["spec"].get("egress", []):
+            for peer in rule.get("to", []):
+                assert "ipBlock" not in peer, policy["metadata"]["name"]
+    values = yaml.safe_load((CHART / "ci" / scenario).read_text())
+    for peer in values.get("networkPolicy", {}).get("egress", {}).get("kafkaPeers", []):
+        assert "ipBlock" not in peer
+
+
+# --- several releases on one Kafka ----------------------------------------------------------------------------------
+
+
+def _identity(manifests: Manifests) -> dict[str, str]:
+    data: dict[str, str] = {}
+    for config_map in find(manifests, "ConfigMap"):
+        data.update(config_map["data"])
+    return {
+        key: data[key]
+        for key in (
+            "PRESENCE_WORKER_APP_ID",
+            "PRESENCE_TOPIC_RAW",
+            "PRESENCE_TOPIC_DLQ",
+            "PRESENCE_TOPIC_TRANSITIONS",
+            "PRESENCE_TOPIC_STATE",
+        )
+    }
+
+
+def test_releases_get_their_own_consumer_group_and_topics_by_default(helm: Path) -> None:
+    from streams.config import WorkerSettings
+
+    def identity(release: str, namespace: str) -> dict[str, str]:
+        command = [str(helm), "template", release, str(CHART), "--namespace", namespace]
+        for key, value in MINIMAL.items():
+            command += ["--set", f"{key}={value}"]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        return _identity([d for d in yaml.safe_load_all(done.stdout) if d])
+
+    staging, production = identity("presence", "staging"), identity("presence", "production")
+    other_app = identity("presence-app2", "production")
+    for a, b in ((staging, production), (production, other_app)):
+        assert not set(a.values()) & set(b.values()), (a, b)
+    assert production["PRESENCE_WORKER_APP_ID"] == "production-presence-worker"
+    assert production["PRESENCE_TOPIC_RAW"] == "production.presence.raw"
+    # Every derived name is one the services accept and a valid Kafka topic name.
+    WorkerSettings(worker_app_id=production["PRESENCE_WORKER_APP_ID"])
+    assert all(re.fullmatch(r"[a-zA-Z0-9._-]{1,249}", name) for name in production.values())
+
+
+def test_explicit_names_win_and_the_scrape_labels_follow_them(rendered: Callable[[str], Manifests]) -> None:
+    manifests = rendered("external-kafka-values.yaml")
+    assert _identity(manifests)["PRESENCE_TOPIC_RAW"] == "acme.rongcloud.presence.raw"
+    production = rendered("production-values.yaml")
+    identity = _identity(production)
+    monitor = one(production, "ServiceMonitor", "streams")
+    labels = {r["targetLabel"]: r["replacement"] for r in monitor["spec"]["endpoints"][0]["relabelings"]}
+    assert labels == {
+        "component": "streams",
+        "consumergroup": identity["PRESENCE_WORKER_APP_ID"],
+        "topic": identity["PRESENCE_TOPIC_RAW"],
+    }
+    gateway_monitor = one(production, "ServiceMonitor", "gateway")
+    assert gateway_monitor["spec"]["endpoints"][0]["relabelings"] == [
+        {"targetLabel": "component", "replacement": "gateway"}
+    ]
+
+
+def test_topics_can_be_left_to_someone_else(helm: Path) -> None:
+    def ensure(values: dict[str, str]) -> str:
+        manifests = render(helm, values=values)
+        config = next(m for m in find(manifests, "ConfigMap", "gateway"))
+        value: str = config["data"]["PRESENCE_GATEWAY_ENSURE_TOPICS"]
+        return value
+
+    assert ensure(MINIMAL) == "true"
+    assert ensure({**MINIMAL, "topics.create": "false"}) == "false"
+
+
+# --- secrets, the exporter, values ----------------------------------------------------------------------------------
+
+
+def test_pods_roll_when_a_secret_changes(rendered: Callable[[str], Manifests], helm: Path) -> None:
+    production = rendered("production-values.yaml")
+    for workload in [m for m in production if m["kind"] in ("Deployment", "StatefulSet")]:
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/secret"])
+        assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/existing-secrets"])
+        assert annotations["secret.reloader.stakater.com/reload"] == "presence-app-credentials"
+    external = rendered("external-kafka-values.yaml")
+    annotations = one(external, "StatefulSet", "streams")["spec"]["template"]["metadata"]["annotations"]
+    assert "secret.reloader.stakater.com/reload" not in annotations  # not asked for
+    assert "checksum/existing-secrets" in annotations  # kafka-credentials, kafka-client-tls
+    # A changed app secret changes the pods' checksum, so they roll.
+    before = one(render(helm, values=MINIMAL), "StatefulSet", "gateway")["spec"]["template"]["metadata"]
+    after = one(render(helm, values={**MINIMAL, "app.secret": "another-secret"}), "StatefulSet", "gateway")
+    assert (
+        before["annotations"]["checksum/secret"]
+        != after["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+    )
+
+
+def _exporter(manifests: Manifests) -> tuple[dict[str, Any], dict[str, str]]:
+    deployment = one(manifests, "Deployment", "kafka-exporter")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args: dict[str, str] = {}
+    for arg in container["args"]:
+        name, _, value = arg.removeprefix("--").partition("=")
+        args[name] = args[name] + "," + value if name in args else value
+    return container, args
+
+
+def test_kafka_exporter_watches_this_releases_group_and_raw_only(
+    rendered: Callable[[str], Manifests],
+) -> None:
+    manifests = rendered("production-values.yaml")
+    container, args = _exporter(manifests)
+    identity = _identity(manifests)
+    assert container["image"].startswith("danielqsj/kafka-exporter:v")
+    assert args["kafka.server"] == "kafka-0.kafka:9092,kafka-1.kafka:9092,kafka-2.kafka:9092"
+    assert re.fullmatch(args["group.filter"], identity["PRESENCE_WORKER_APP_ID"])
+    assert not re.fullmatch(args["group.filter"], identity["PRESENCE_WORKER_APP_ID"] + "-replay")
+    assert re.fullmatch(args["topic.filter"], identity["PRESENCE_TOPIC_RAW"])
+    assert not re.fullmatch(args["topic.filter"], identity["PRESENCE_TOPIC_RAW"].replace(".", "x", 1))
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    monitor = one(manifests, "ServiceMonitor", "kafka-exporter")
+    assert monitor["spec"]["endpoints"][0]["relabelings"] == [
+        {"targetLabel": "component", "replacement": "kafka-exporter"}
+    ]
+    service = one(manifests, "Service", "kafka-exporter")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    policy = one(manifests, "NetworkPolicy", "kafka-exporter")
+    assert "Egress" in policy["spec"]["policyTypes"]
+
+
+def test_kafka_exporter_over_sasl_ssl_with_a_private_ca(helm: Path) -> None:
+    values = yaml.safe_load((CHART / "ci" / "external-kafka-values.yaml").read_text())
+    command = [str(helm), "template", "rel", str(CHART), "--namespace", "presence", "-f"]
+    command += [str(CHART / "ci" / "external-kafka-values.yaml"), "--set", "kafkaExporter.enabled=true"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    container, args = _exporter([d for d in yaml.safe_load_all(done.stdout) if d])
+    assert (
+        args["sasl.mechanism"] == "scram-sha512"
+        and args["sasl.username"] == values["kafka"]["sasl"]["username"]
+    )
+    assert args["sasl.password"] == "$(KAFKA_SASL_PASSWORD)"
+    (env,) = container["env"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "kafka-credentials", "key": "password"}
+    assert "tls.enabled" in args and args["tls.ca-file"] == "/etc/presence/kafka-tls/ca.crt"
+    assert args["tls.cert-file"] == "/etc/presence/kafka-tls/tls.crt"
+
+
+def test_kafka_exporter_over_tls_needs_the_ca(helm: Path) -> None:
+    with pytest.raises(RenderError) as failed:
+        render(
+            helm,
+            values={**MINIMAL, "kafkaExporter.enabled": "true", "kafka.securityProtocol": "SSL"},
+            check=False,
+        )
+    assert "kafkaExporter.enabled over TLS needs the brokers' CA" in str(failed.value)
+
+
+def _paths(node: Any, prefix: str = "") -> set[str]:
+    if isinstance(node, dict) and node:
+        return set().union(
+            *(_paths(value, f"{prefix}.{key}" if prefix else key) for key, value in node.items())
+        )
+    return {prefix}
+
+
+def _schema_paths(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    properties = schema.get("properties")
+    if not properties:
+        return {prefix}
+    found: set[str] = set()
+    for key, sub in properties.items():
+        found |= _schema_paths(sub, f"{prefix}.{key}" if prefix else key)
+    return found
+
+
+def test_values_and_schema_describe_the_same_keys() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    in_values = _paths(values)
+    # Probe fields Kubernetes has defaults for: the schema allows them, values.yaml need not list them.
+    optional = {
+        f"{component}.probes.{probe}.{field}"
+        for component in ("gateway", "streams")
+        for probe in ("startup", "liveness", "readiness")
+        for field in ("initialDelaySeconds", "successThreshold")
+    }
+    in_schema = _schema_paths(schema) - {"global"} - optional
+    # A leaf in values.yaml may be an object the schema describes further (probes, resources): compare prefixes.
+    missing = {
+        p
+        for p in in_values
+        if not any(s == p or s.startswith(p + ".") or p.startswith(s + ".") for s in in_schema)
+    }
+    extra = {
+        s
+        for s in in_schema
+        if not any(p == s or p.startswith(s + ".") or s.startswith(p + ".") for p in in_values)
+    }
+    assert not missing, f"in values.yaml, not in the schema: {sorted(missing)}"
+    assert not extra, f"in the schema, not in values.yaml: {sorted(extra)}"
+
+
+def _chart_seeing(tmp_path: Path, streams_data: dict[str, str], common_data: dict[str, str]) -> Path:
+    """A copy of the chart whose two ConfigMap lookups find the given data, as `helm upgrade` would in a cluster
+    running a release with those settings (`helm template` has no cluster: lookup finds nothing there)."""
+    copy = tmp_path / "presence"
+    shutil.copytree(CHART, copy, symlinks=False)
+    helpers = copy / "templates" / "_helpers.tpl"
+    text = helpers.read_text()
+
+    def as_dict(data: dict[str, str]) -> str:
+        pairs = " ".join(f'"{key}" "{value}"' for key, value in data.items())
+        return f'(dict "data" (dict {pairs}))'
+
+    for name, data in (('"presence.streams.fullname"', streams_data), ('"presence.fullname"', common_data)):
+        lookup = f'lookup "v1" "ConfigMap" .Release.Namespace (include {name} .) | default dict'
+        assert lookup in text
+        text = text.replace(lookup, as_dict(data))
+    helpers.write_text(text)
+    return copy
+
+
+def test_an_upgrade_may_not_change_the_app_id_or_the_topics_by_accident(helm: Path, tmp_path: Path) -> None:
+    # A release installed with the product's old fixed defaults, upgraded to a chart that derives the names.
+    chart = _chart_seeing(
+        tmp_path,
+        {"PRESENCE_WORKER_APP_ID": "presence-worker"},
+        {"PRESENCE_TOPIC_RAW": "rongcloud.presence.raw", "PRESENCE_TOPIC_STATE": "presence.state"},
+    )
+
+    def upgrade(*values: str) -> subprocess.CompletedProcess[str]:
+        command = [str(helm), "template", "rel", str(chart), "--namespace", "presence", "--is-upgrade"]
+        for key, value in MINIMAL.items():
+            command += ["--set", f"{key}={value}"]
+        for value in values:
+            command += ["--set", value]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    refused = upgrade()
+    assert refused.returncode != 0
+    assert 'the worker app id would change from "presence-worker" to "presence-rel-presence-worker"' in (
+        refused.stderr
+    )
+    assert "set streams.allowAppIdChange=true; otherwise set streams.appId=presence-worker" in refused.stderr
+    topics = upgrade("streams.appId=presence-worker")
+    assert topics.returncode != 0
+    assert (
+        'topics.raw would change from "rongcloud.presence.raw" to "presence.rel-presence.raw"'
+        in topics.stderr
+    )
+    pinned = upgrade(
+        "streams.appId=presence-worker", "topics.raw=rongcloud.presence.raw", "topics.state=presence.state"
+    )
+    assert pinned.returncode == 0, pinned.stderr
+    allowed = upgrade("streams.allowAppIdChange=true", "topics.allowRename=true")
+    assert allowed.returncode == 0, allowed.stderr

@@ -94,7 +94,21 @@ def test_prometheus_loads_the_alerts_and_scrapes_both_services(promtool: Path) -
     config = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
     assert config["rule_files"] == ["alerts.yml"]
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
-    assert targets == {"gateway": ["gateway:8080"], "streams": ["worker:6066"]}
+    assert targets == {
+        "gateway": ["gateway:8080"],
+        "streams": ["worker:6066"],
+        "kafka-exporter": ["kafka-exporter:9308"],
+    }
+    # The worker's labels name the group and topic the worker really uses (compose leaves both at the defaults).
+    from streams.config import WorkerSettings
+
+    defaults = WorkerSettings.model_fields
+    (streams,) = [job for job in config["scrape_configs"] if job["job_name"] == "streams"]
+    labels = streams["static_configs"][0]["labels"]
+    assert labels["consumergroup"] == defaults["worker_app_id"].default
+    assert labels["topic"] == defaults["topic_raw"].default
+    worker_env = services["worker"]["environment"]
+    assert "PRESENCE_WORKER_APP_ID" not in worker_env and "PRESENCE_TOPIC_RAW" not in worker_env
     done = subprocess.run(
         [str(promtool), "check", "config", str(ROOT / "prometheus" / "prometheus.yml")],
         capture_output=True,
@@ -103,11 +117,24 @@ def test_prometheus_loads_the_alerts_and_scrapes_both_services(promtool: Path) -
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_kafka_exporter_watches_the_workers_group_and_raw_at_the_broker() -> None:
+    services = compose()["services"]
+    exporter = services["kafka-exporter"]
+    assert exporter["image"].startswith("danielqsj/kafka-exporter:v")
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in exporter["command"])
+    assert args["kafka.server"] == services["gateway"]["environment"]["PRESENCE_KAFKA_BOOTSTRAP_SERVERS"]
+    # Compose writes "$$" for a literal "$".
+    assert re.fullmatch(args["group.filter"].replace("$$", "$"), "presence-worker")
+    assert re.fullmatch(args["topic.filter"].replace("$$", "$"), "rongcloud.presence.raw")
+    assert not re.fullmatch(args["topic.filter"].replace("$$", "$"), "rongcloudXpresence.raw")
+    assert exporter["read_only"] is True and exporter["cap_drop"] == ["ALL"]
+
+
 def test_dockerfile_builds_one_image_with_both_commands() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["presence"]' in dockerfile
-    assert re.search(r"^USER 10001:10001$", dockerfile, re.M), (
-        "numeric non-root user (runAsNonRoot can check it)"
+    assert re.search(r"^USER \$\{UID\}:\$\{UID\}$", dockerfile, re.M), (
+        "numeric non-root user (runAsNonRoot can check it); tests/ops/test_image.py checks its default"
     )
     from presence.cli import main
 

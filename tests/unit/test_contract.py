@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from core import contract
 
@@ -98,3 +103,96 @@ def test_dead_letter_caps_raw_bytes_without_splitting_a_character() -> None:
         source="gateway", reason="r", detail="d", raw=b"\xff", raw_limit=5, received_at=1
     )
     assert (whole["raw"], whole["raw_truncated"]) == ("\ufffd", False)
+
+
+# --- observations on RAW (R1) -------------------------------------------------------------------------------
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+# raw.v1 as it was before observations were added: every event it accepts must stay valid.
+RAW_V1_BEFORE_OBSERVATIONS = {
+    "type": "object",
+    "required": ["schema", "userid", "status", "time", "sessionId", "received_at", "delivery_id"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": 1},
+        "userid": {"type": "string", "minLength": 1, "maxLength": 64},
+        "status": {"type": "integer", "enum": [0, 1, 2]},
+        "time": {"type": "integer"},
+        "sessionId": {"type": "string", "minLength": 1},
+        "os": {"type": ["string", "null"]},
+        "clientIp": {"type": ["string", "null"]},
+        "received_at": {"type": "integer"},
+        "delivery_id": {"type": "string", "minLength": 1},
+    },
+}
+OBSERVATION = contract.Observation("apert60541", False, 1_700_000_000_000, "age", 1_700_000_000_120)
+
+
+def raw_schema() -> Draft202012Validator:
+    return Draft202012Validator(orjson.loads((SCHEMAS / "raw.v1.schema.json").read_bytes()))
+
+
+def test_r1_observation_round_trip() -> None:
+    value = contract.encode_observation(OBSERVATION)
+    decoded = contract.decode_observation(b"apert60541", value, delivery_id="2@17")
+    assert decoded == OBSERVATION._replace(delivery_id="2@17")
+    assert contract.is_observation(orjson.loads(value))
+    assert not contract.is_observation(RAW)
+    raw_schema().validate(orjson.loads(value))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"online": "1"}, "invalid_raw"),
+        ({"at": 1_700_000_000}, "invalid_raw"),  # seconds, not ms
+        ({"source": "cron"}, "invalid_raw"),
+        ({"userid": ""}, "invalid_raw"),
+        ({"kind": "event"}, "invalid_raw"),
+    ],
+)
+def test_r1_unusable_observations_are_refused(change: dict[str, object], reason: str) -> None:
+    value = orjson.loads(contract.encode_observation(OBSERVATION)) | change
+    with pytest.raises(contract.InvalidRaw) as caught:
+        contract.decode_observation(b"apert60541", orjson.dumps(value), delivery_id="0@0")
+    assert caught.value.reason == reason
+    assert not raw_schema().is_valid(value)
+
+
+def test_r1_observation_key_must_be_its_user() -> None:
+    with pytest.raises(contract.InvalidRaw) as caught:
+        contract.decode_observation(
+            b"someone-else", contract.encode_observation(OBSERVATION), delivery_id="0@0"
+        )
+    assert caught.value.reason == "key_mismatch"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {
+            "schema": st.just(1),
+            "userid": st.text(min_size=1, max_size=64),
+            "status": st.sampled_from([0, 1, 2]),
+            "time": st.integers(),
+            "sessionId": st.text(min_size=1, max_size=30),
+            "received_at": st.integers(),
+            "delivery_id": st.text(min_size=1, max_size=30),
+        },
+        optional={"os": st.none() | st.text(max_size=10), "clientIp": st.none() | st.text(max_size=10)},
+    )
+)
+def test_raw_schema_change_is_additive(event: dict[str, object]) -> None:
+    """Every event valid under raw.v1 before observations is valid now, and is not an observation."""
+    assert Draft202012Validator(RAW_V1_BEFORE_OBSERVATIONS).is_valid(event)
+    assert raw_schema().is_valid(event)
+    assert not contract.is_observation(event)
+
+
+def test_raw_schema_event_branch_is_unchanged() -> None:
+    event = orjson.loads((SCHEMAS / "raw.v1.schema.json").read_bytes())["$defs"]["event"]
+    assert event["required"] == RAW_V1_BEFORE_OBSERVATIONS["required"]
+    assert event["additionalProperties"] is False
+    assert set(event["properties"]) == set(RAW_V1_BEFORE_OBSERVATIONS["properties"])  # type: ignore[arg-type]
+    # An event with a kind is neither an event nor an observation.
+    assert not raw_schema().is_valid(RAW | {"kind": "event"})

@@ -72,3 +72,44 @@ def test_d2_state_is_compacted_and_raw_keeps_a_week() -> None:
     specs = {spec.name: spec for spec in product_topics(CommonSettings(_env_file=None))}  # type: ignore[call-arg]
     assert specs["presence.state"].config["cleanup.policy"] == "compact"
     assert specs["rongcloud.presence.raw"].config["retention.ms"] == str(7 * 24 * 3600 * 1000)
+
+
+# --- reconciliation (checkOnline) ---------------------------------------------------------------------------
+
+
+def worker_settings(**values: object) -> object:
+    from streams.config import WorkerSettings
+
+    return WorkerSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def test_reconciliation_defaults_to_rongclouds_hosts_and_is_on_with_credentials() -> None:
+    settings = worker_settings()
+    assert settings.reconcile_api_urls == ("https://api.rong-api.com", "https://api-b.rong-api.com")  # type: ignore[attr-defined]
+    assert settings.reconcile_active is False  # type: ignore[attr-defined]
+    assert worker_settings(app_key="k", app_secret="s").reconcile_active is True  # type: ignore[attr-defined]
+    assert worker_settings(app_key="k", app_secret="s", reconcile_enabled=False).reconcile_active is False  # type: ignore[attr-defined]
+
+
+def test_reconciliation_api_urls_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRESENCE_RECONCILE_API_URLS", "http://127.0.0.1:8099/, https://api-b.example")
+    assert worker_settings().reconcile_api_urls == ("http://127.0.0.1:8099", "https://api-b.example")  # type: ignore[attr-defined]
+    monkeypatch.setenv("PRESENCE_RECONCILE_API_URLS", "api.rong-api.com")
+    with pytest.raises(ValidationError, match="reconcile_api_urls"):
+        worker_settings()
+
+
+def test_reconciliation_switched_on_without_the_secret_names_the_variables() -> None:
+    with pytest.raises(ValidationError, match="PRESENCE_APP_SECRET"):
+        worker_settings(reconcile_enabled=True, app_key="k")
+
+
+def test_the_app_secret_is_shared_by_gateway_and_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import GatewaySettings
+
+    monkeypatch.setenv("PRESENCE_APP_KEY", "key")
+    monkeypatch.setenv("PRESENCE_APP_SECRET", "secret-1234")
+    gateway = GatewaySettings(_env_file=None)  # type: ignore[call-arg]
+    worker = worker_settings()
+    assert (gateway.app_key, gateway.app_secret.get_secret_value()) == ("key", "secret-1234")
+    assert (worker.app_key, worker.app_secret.get_secret_value()) == ("key", "secret-1234")  # type: ignore[attr-defined]

@@ -86,6 +86,43 @@ app.kubernetes.io/component: streams
 {{- include "presence.fullname" . }}
 {{- end }}
 
+{{/*
+The worker's app id (consumer group, changelog and ticks topics): streams.appId, else derived from the namespace
+and the release, so two releases on one Kafka (two RongCloud apps, staging and production) never share a group.
+*/}}
+{{- define "presence.appId" -}}
+{{- default (printf "%s-%s-worker" .Release.Namespace (include "presence.fullname" .)) .Values.streams.appId }}
+{{- end }}
+
+{{/* A topic's name: topics.<name>, else <namespace>.<release full name>.<name>. Args: dict ctx, name. */}}
+{{- define "presence.topic" -}}
+{{- default (printf "%s.%s.%s" .ctx.Release.Namespace (include "presence.fullname" .ctx) .name) (index .ctx.Values.topics .name) }}
+{{- end }}
+
+{{/*
+An upgrade must not move a release to another consumer group or other topics by accident: a new app id makes a new
+group that reads RAW from its start and emits every transition again, with an empty table; renamed topics leave the
+data behind. The values the release runs with are read from its ConfigMaps (lookup: on install and upgrade against
+a cluster; `helm template` sees none); a change needs streams.allowAppIdChange or topics.allowRename.
+*/}}
+{{- define "presence.guardIdentity" -}}
+{{- $streams := lookup "v1" "ConfigMap" .Release.Namespace (include "presence.streams.fullname" .) | default dict }}
+{{- $running := dig "data" "PRESENCE_WORKER_APP_ID" "" $streams }}
+{{- $appId := include "presence.appId" . }}
+{{- if and $running (ne $running $appId) (not .Values.streams.allowAppIdChange) }}
+{{- fail (printf "the worker app id would change from %q to %q: the workers would start as a new consumer group, read RAW from its start with an empty table and emit every transition again. If that is what you want (see docs/operations.md, 'Changing the app id'), set streams.allowAppIdChange=true; otherwise set streams.appId=%s" $running $appId $running) }}
+{{- end }}
+{{- $common := lookup "v1" "ConfigMap" .Release.Namespace (include "presence.fullname" .) | default dict }}
+{{- range $name := list "raw" "dlq" "transitions" "state" }}
+{{- $key := printf "PRESENCE_TOPIC_%s" (upper $name) }}
+{{- $was := dig "data" $key "" $common }}
+{{- $now := include "presence.topic" (dict "ctx" $ "name" $name) }}
+{{- if and $was (ne $was $now) (not $.Values.topics.allowRename) }}
+{{- fail (printf "topics.%s would change from %q to %q: the release would leave its data in the old topic. Set topics.%s=%s, or topics.allowRename=true after moving the data (docs/operations.md)" $name $was $now $name $was) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The gateway runs as a StatefulSet when each replica keeps its spool on its own volume (D3). */}}
 {{- define "presence.gateway.kind" -}}
 {{- if and .Values.gateway.spool.enabled .Values.gateway.spool.persistence.enabled }}StatefulSet{{ else }}Deployment{{ end }}
@@ -123,9 +160,28 @@ app.kubernetes.io/component: streams
 {{- fail (printf "streams.replicaCount (%d) exceeds topics.partitions (%d): the extra workers would own no partition" (int .Values.streams.replicaCount) (int .Values.topics.partitions)) }}
 {{- end }}
 {{- $sd := .Values.gateway.shutdown }}
+{{- if $sd.preStopDrain.enabled }}
+{{- $needed := add $sd.preStopSleepSeconds $sd.preStopDrain.timeoutSeconds $sd.graceSeconds $sd.drainSeconds 5 }}
+{{- if lt (int .Values.gateway.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must be at least %d: preStopSleep + preStopDrain.timeout + grace + drain + 5 s, or the spool cannot drain before SIGKILL" (int .Values.gateway.terminationGracePeriodSeconds) (int $needed)) }}
+{{- end }}
+{{- else }}
 {{- $needed := add $sd.preStopSleepSeconds $sd.graceSeconds $sd.drainSeconds 5 }}
 {{- if lt (int .Values.gateway.terminationGracePeriodSeconds) (int $needed) }}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must be at least %d: preStopSleep + grace + drain + 5 s, or the spool cannot drain before SIGKILL" (int .Values.gateway.terminationGracePeriodSeconds) (int $needed)) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.gateway.autoscaling.enabled (eq (include "presence.gateway.kind" .) "StatefulSet") (not $sd.preStopDrain.enabled) }}
+{{- fail "gateway.autoscaling.enabled with a persistent spool strands events: a scaled-in replica stops after drainSeconds (at once when Kafka is down) and its spooled events wait on its volume until that replica returns. Set gateway.shutdown.preStopDrain.enabled=true (a leaving pod first waits until its spool is empty; raise terminationGracePeriodSeconds to match), or scale the gateway by hand (gateway.autoscaling.enabled=false)" }}
+{{- end }}
+{{- if and .Values.gateway.spool.enabled .Values.gateway.spool.persistence.enabled }}
+{{- $volume := include "presence.quantityBytes" .Values.gateway.spool.persistence.size | float64 }}
+{{- if gt (float64 .Values.gateway.spool.maxBytes) (mulf $volume 0.9) }}
+{{- fail (printf "gateway.spool.maxBytes (%d) does not fit gateway.spool.persistence.size (%s): keep it at most 90%% of the volume (the filesystem needs the rest), i.e. at most %d, or enlarge the volume" (int64 .Values.gateway.spool.maxBytes) .Values.gateway.spool.persistence.size (int64 (mulf $volume 0.9))) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.kafkaExporter.enabled (has .Values.kafka.securityProtocol (list "SSL" "SASL_SSL")) (not (and .Values.kafka.tls.enabled .Values.kafka.tls.caKey)) }}
+{{- fail "kafkaExporter.enabled over TLS needs the brokers' CA: set kafka.tls.enabled, kafka.tls.existingSecret and kafka.tls.caKey (kafka-exporter does not use the system's CAs)" }}
 {{- end }}
 {{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) }}
 {{- fail "gateway.autoscaling.minReplicas exceeds maxReplicas" }}
@@ -225,4 +281,60 @@ podAntiAffinity:
 {{/* A setting's value as an environment string; whole numbers stay whole (YAML numbers arrive as floats). */}}
 {{- define "presence.settingValue" -}}
 {{- if and (kindIs "float64" .) (eq (float64 .) (floor .)) }}{{ int64 . | toString | quote }}{{ else }}{{ toString . | quote }}{{ end }}
+{{- end }}
+
+{{/* kafka-exporter (broker-side consumer lag for the alerts), an option of the chart. */}}
+{{- define "presence.kafkaExporter.fullname" -}}
+{{- printf "%s-kafka-exporter" (include "presence.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "presence.kafkaExporter.labels" -}}
+{{ include "presence.labels" . }}
+app.kubernetes.io/component: kafka-exporter
+{{- end }}
+{{- define "presence.kafkaExporter.selectorLabels" -}}
+{{ include "presence.selectorLabels" . }}
+app.kubernetes.io/component: kafka-exporter
+{{- end }}
+
+{{/* Names of the Secrets the chart does not own but whose change should roll the pods. */}}
+{{- define "presence.externalSecrets" -}}
+{{- $names := list }}
+{{- with .Values.app.existingSecret }}{{ $names = append $names . }}{{ end }}
+{{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}{{ with .Values.kafka.sasl.existingSecret }}{{ $names = append $names . }}{{ end }}{{ end }}
+{{- if .Values.kafka.tls.enabled }}{{ with .Values.kafka.tls.existingSecret }}{{ $names = append $names . }}{{ end }}{{ end }}
+{{- $names | uniq | join "," }}
+{{- end }}
+
+{{/*
+Pod annotations that roll the pods when a Secret changes: the chart's own Secret by its rendered content, and the
+existing Secrets by their content as far as the chart can see them (lookup: on `helm upgrade` against a cluster, so
+an upgrade after a rotation rolls the pods; `helm template` sees nothing). Between upgrades a reloader does it:
+secretRotation.reloaderAnnotation adds the annotation stakater/Reloader watches.
+*/}}
+{{- define "presence.secretAnnotations" -}}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- $external := include "presence.externalSecrets" . }}
+{{- if $external }}
+{{- $seen := list }}
+{{- range $name := splitList "," $external }}
+{{- $secret := lookup "v1" "Secret" $.Release.Namespace $name | default dict }}
+{{- $seen = append $seen (printf "%s=%s" $name (get $secret "data" | default dict | toJson | sha256sum)) }}
+{{- end }}
+checksum/existing-secrets: {{ $seen | join "," | sha256sum }}
+{{- if .Values.secretRotation.reloaderAnnotation }}
+secret.reloader.stakater.com/reload: {{ $external | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity (2Gi, 500M, 1073741824) in bytes, as a float. */}}
+{{- define "presence.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $unit := trimPrefix $number $q }}
+{{- $factors := dict "" 1.0 "k" 1e3 "K" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 }}
+{{- if or (not $number) (not (hasKey $factors $unit)) }}
+{{- fail (printf "cannot read the quantity %q (use a number with k, M, G, T, P, Ki, Mi, Gi, Ti or Pi)" $q) }}
+{{- end }}
+{{- mulf (float64 $number) (get $factors $unit) }}
 {{- end }}

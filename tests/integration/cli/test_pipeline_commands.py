@@ -169,7 +169,15 @@ def test_topics_describes_partitions_configs_and_the_workers_lag(pipeline: Up) -
     raw = infos[env["PRESENCE_TOPIC_RAW"]]
     assert raw["partitions"] == 4 and raw["messages"] > 0
     assert raw["config"]["cleanup.policy"] == "delete"
-    assert infos[env["PRESENCE_TOPIC_STATE"]]["config"]["cleanup.policy"] == "compact"
+    state = infos[env["PRESENCE_TOPIC_STATE"]]["config"]
+    # D2: STATE's compaction tuning as the settings' defaults put it (docs/consuming.md#retention).
+    assert {key: state.get(key) for key in ("cleanup.policy", "segment.ms", "min.cleanable.dirty.ratio",
+                                            "delete.retention.ms")} == {
+        "cleanup.policy": "compact",
+        "segment.ms": "3600000",
+        "min.cleanable.dirty.ratio": "0.1",
+        "delete.retention.ms": "86400000",
+    }  # fmt: skip
     group = env["PRESENCE_WORKER_APP_ID"]
     assert group in raw["lag"]
     wait_until(lambda: json.loads(presence("topics", "--json", env=env).stdout)[0]["lag"][group] == 0, 60,
@@ -180,6 +188,7 @@ def test_topics_describes_partitions_configs_and_the_workers_lag(pipeline: Up) -
         env["PRESENCE_TOPIC_RAW"] in result.stdout
         and f"{group}: 0" in result.stdout
         and "p3=0" in result.stdout
+        and all(part in result.stdout for part in ("segment 1 h", "dirty ratio 0.1", "tombstones 1 d"))
     )
 
 

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from jsonschema import Draft202012Validator
 
 from core.contract import partition_of
 from gateway.config import GatewaySettings
+from tests.schemas import writer_validator
 
 from .conftest import GatewayServer, consume, event, now_ms, signed_query
 
-SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
-RAW = Draft202012Validator(json.loads((SCHEMAS / "raw.v1.schema.json").read_text()))
-DLQ = Draft202012Validator(json.loads((SCHEMAS / "dlq.v1.schema.json").read_text()))
+# The closed (writer) form: the gateway publishes nothing the schemas do not declare.
+RAW = writer_validator("raw.v1.schema.json")
+DLQ = writer_validator("dlq.v1.schema.json")
 
 StartGateway = Callable[[GatewaySettings], GatewayServer]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from core.topics import TopicLayoutError, ensure_topics
+from core.topics import TopicError, ensure_topics
 from gateway.config import GatewaySettings
 from gateway.main import create_app
 
@@ -23,6 +23,6 @@ async def test_d2_existing_topics_with_another_partition_count_refuse_the_start(
     await ensure_topics(existing)
     wrong = gateway_settings(topic_partitions=existing.topic_partitions + 2)
     app = create_app(wrong)
-    with pytest.raises(TopicLayoutError, match=f"PRESENCE_TOPIC_PARTITIONS={existing.topic_partitions}"):
+    with pytest.raises(TopicError, match=f"PRESENCE_TOPIC_PARTITIONS={existing.topic_partitions}"):
         async with app.router.lifespan_context(app):
             raise AssertionError("the gateway started on topics it would misroute users in")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -24,12 +23,12 @@ from presence.children import wait_until
 from presence.localkafka import free_port
 from streams.processor import Processor
 from streams.rules import PresenceConfig
-
-SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
+from tests.schemas import writer_validator
 
 
 def validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator(json.loads((SCHEMAS / name).read_text()))
+    """The closed (writer) form: the worker publishes nothing the schema does not declare."""
+    return writer_validator(name)
 
 
 @dataclass

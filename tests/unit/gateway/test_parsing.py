@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
 
 from core.contract import cap_text
 from gateway.parsing import (
@@ -22,10 +20,11 @@ from gateway.parsing import (
     body_too_large,
     parse_body,
 )
+from tests.schemas import writer_validator
 
-SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
-RAW = Draft202012Validator(json.loads((SCHEMAS / "raw.v1.schema.json").read_text()))
-DLQ = Draft202012Validator(json.loads((SCHEMAS / "dlq.v1.schema.json").read_text()))
+# The closed (writer) form: the gateway publishes nothing the schemas do not declare.
+RAW = writer_validator("raw.v1.schema.json")
+DLQ = writer_validator("dlq.v1.schema.json")
 
 NOW = 1_700_000_000_000
 RECEIPT = Receipt(received_at=NOW, nonce="14314", timestamp="1700000000000")

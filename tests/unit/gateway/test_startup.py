@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import NewTopic
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, RequestTimedOutError
 
 import core.topics
 import gateway.main
-from core.topics import TopicLayoutError
+from core.topics import TopicError
 
 from .conftest import signed_url
 from .fakes import MemoryKafka
@@ -34,6 +34,8 @@ class Cluster:
     """What the admin client sees: whether the broker answers, its topics, whether partitions have leaders."""
 
     reachable: bool = True
+    # False: the broker stops answering after the admin client connected.
+    answering: bool = True
     leaders: bool = True
     partitions: dict[str, int] = field(default_factory=dict)
 
@@ -53,6 +55,8 @@ class Admin:
         return None
 
     async def list_topics(self) -> list[str]:
+        if not self.cluster.answering:
+            raise RequestTimedOutError()
         return list(self.cluster.partitions)
 
     async def create_topics(self, new_topics: list[NewTopic], timeout_ms: int) -> None:
@@ -90,14 +94,16 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None
         await asyncio.sleep(0.01)
 
 
-@pytest.mark.parametrize("trouble", ["slow_leader_election", "broker_unreachable"])
+@pytest.mark.parametrize("trouble", ["slow_leader_election", "broker_unreachable", "broker_stops_answering"])
 async def test_d2_g7_kafka_not_ready_at_start_spools_then_publishes(
     harness_factory: Harness, cluster: Cluster, trouble: str
 ) -> None:
     if trouble == "slow_leader_election":
         cluster.leaders = False
-    else:
+    elif trouble == "broker_unreachable":
         cluster.reachable = False
+    else:
+        cluster.answering = False
     kafka = MemoryKafka()
     async with harness_factory(kafka=kafka, gateway_ensure_topics=True) as h:
         assert (await h.client.get("/readyz")).status_code == 200
@@ -107,7 +113,7 @@ async def test_d2_g7_kafka_not_ready_at_start_spools_then_publishes(
         # The producer waits for the topics: nothing may be produced into a topic that is not ready.
         assert kafka.producers_started == 0
 
-        cluster.leaders = cluster.reachable = True
+        cluster.leaders = cluster.reachable = cluster.answering = True
         await wait_for(lambda: h.app.state.gateway.publisher.spool.records == 0)
         assert kafka.producers_started == 1
         assert [key for key, _ in topic(h, "raw")] == [b"early"]
@@ -120,6 +126,6 @@ async def test_d2_topics_with_another_partition_count_refuse_the_start(
 ) -> None:
     settings = gateway_settings()
     cluster.partitions[settings.topic_raw] = settings.topic_partitions + 2
-    with pytest.raises(TopicLayoutError, match=f"PRESENCE_TOPIC_PARTITIONS={settings.topic_partitions + 2}"):
+    with pytest.raises(TopicError, match=f"PRESENCE_TOPIC_PARTITIONS={settings.topic_partitions + 2}"):
         async with harness_factory(gateway_ensure_topics=True):
             raise AssertionError("the gateway started on topics it would misroute users in")

@@ -1,0 +1,116 @@
+"""The users table: Faust's RocksDB store, written directly, with its changelog sent by the worker itself.
+
+Faust's table would send every write through its producer buffer and look every key up twice. :class:`UsersTable`
+does what a table write does, directly: write the partition's RocksDB, queue the changelog message (sent by
+:meth:`UsersTable.flush_changelog` after each message, held against the next offset commit), and record the
+changelog offset in RocksDB once Kafka acknowledges it, which is where a warm restart resumes reading. The
+partition written is the one of the message being processed (``partition``), as in Faust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+from core.contract import USERS_TABLE
+from streams.config import WorkerSettings
+from streams.runtime import internals
+from streams.runtime.fixes import CommitGate
+
+
+def create_users_table(app: Any, settings: WorkerSettings) -> Any:
+    """Register the users table on ``app``: raw bytes keys and values, RocksDB sized by the settings."""
+    users = app.Table(
+        USERS_TABLE,
+        default=None,
+        partitions=settings.topic_partitions,
+        key_type=bytes,
+        value_type=bytes,
+        options={
+            "block_cache_size": settings.worker_rocksdb_block_cache_bytes,
+            "block_cache_compressed_size": 0,
+            "write_buffer_size": settings.worker_rocksdb_write_buffer_bytes,
+            "max_write_buffer_number": 2,
+            "max_open_files": settings.worker_rocksdb_max_open_files,
+        },
+    )
+    # Faust takes table serializers from model types only and falls back to JSON, which would quote the keys:
+    # '"u1"' hashes to another partition than 'u1', and standby/recovery would try to JSON-decode records.
+    # Keys are the raw userid bytes, as on RAW; records are already encoded by the processor. The changelog
+    # topic object was built with the JSON defaults when the table registered itself, so build it again.
+    users.key_serializer = "raw"
+    users.value_serializer = "raw"
+    users.changelog_topic = internals.rebuild_changelog_topic(users)
+    return users
+
+
+class UsersTable(MutableMapping[str, Any]):
+    """The users table seen as a plain ``MutableMapping[str, bytes]`` (keys stored as UTF-8 bytes)."""
+
+    def __init__(self, table: Any, gate: CommitGate) -> None:
+        self._table = table
+        self._store = table.data
+        self._gate = gate
+        self.changelog = table.changelog_topic.get_topic_name()
+        self.partition = 0
+        self._pending: list[tuple[bytes, bytes | None, int]] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._store.get(key.encode())
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._store.get(key.encode())
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raw = key.encode()
+        internals.partition_db(self._store, self.partition).put(raw, value)
+        internals.key_index(self._store)[raw] = self.partition
+        self._pending.append((raw, value, self.partition))
+
+    def __delitem__(self, key: str) -> None:
+        raw = key.encode()
+        internals.partition_db(self._store, self.partition).delete(raw)
+        internals.key_index(self._store).pop(raw, None)
+        self._pending.append((raw, None, self.partition))
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        value = self.get(key)
+        if value is None:
+            return default
+        del self[key]
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.decode() for key in self._table.keys())
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def records(self, partition: int) -> Iterator[tuple[str, bytes]]:
+        """One partition's (key, value) pairs, read straight from that partition's RocksDB.
+
+        Faust's own iteration covers every partition's database and a lookup per key would follow; this is one
+        sequential scan of the partition asked for.
+        """
+        for key, value in internals.partition_items(self._store, partition):
+            yield key.decode(), value
+
+    async def flush_changelog(self, client: Any) -> None:
+        """Send the queued changelog messages with ``client`` (an ``aiokafka.AIOKafkaProducer``)."""
+        for key, value, partition in self._pending:
+            sent = await client.send(self.changelog, value, key=key, partition=partition)
+            self._gate.hold(sent)
+            sent.add_done_callback(self._persist_offset)
+        self._pending.clear()
+
+    def _persist_offset(self, sent: Any) -> None:
+        if not sent.cancelled() and sent.exception() is None:
+            metadata = sent.result()
+            self._store.set_persisted_offset(metadata.topic_partition, metadata.offset)

@@ -1,0 +1,172 @@
+"""The RongCloud emulator: ground truth, callbacks delivered as upstream does, on a clock that never sleeps."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+import pytest
+
+from core.contract import compute_signature
+from presence.emulator import CallbackPolicy, CallbackSender, GroundTruth, ManualClock, PauseRule
+from presence.simulate import Target
+from presence.trace import Delivery, Trace, TraceSpec, generate
+
+TARGET = Target("http://127.0.0.1:1/rongcloud/online-status", "app-key", "app-secret")
+
+
+def trace_of(*deliveries: Delivery) -> Trace:
+    return Trace(TraceSpec(), list(deliveries))
+
+
+def event(userid: str, session: str, status: str, at: int) -> dict[str, object]:
+    return {"userid": userid, "sessionId": session, "status": status, "time": at, "os": "iOS"}
+
+
+def test_truth_is_online_while_any_session_is() -> None:
+    truth = GroundTruth()
+    truth.add("u", "phone", "0", 0)
+    truth.add("u", "pc", "0", 10)
+    truth.add("u", "phone", "1", 20)
+    truth.add("u", "pc", "2", 30)
+    truth.add("u", "tablet", "0", 50)
+    assert truth.intervals("u") == [(0, 30), (50, None)]
+    assert [truth.online_at("u", t) for t in (-1, 0, 25, 30, 40, 50, 10**9)] == [
+        False, True, True, False, False, True, True,
+    ]  # fmt: skip
+    assert not truth.online_at("nobody", 5)
+
+
+def test_truth_follows_event_times_not_delivery_order() -> None:
+    """A late offline (delivered minutes after it happened) ends the session when it happened."""
+    truth = GroundTruth()
+    truth.add("u", "a", "1", 60)  # delivered first
+    truth.add("u", "a", "0", 0)
+    truth.add("u", "b", "0", 120)
+    assert truth.intervals("u") == [(0, 60), (120, None)]
+
+
+def test_truth_from_a_generated_trace_ignores_retries() -> None:
+    trace = generate(TraceSpec(seed=3, users=50, events=2000, rate=1000))
+    assert any(d.retry_of is not None for d in trace.deliveries)
+    truth = GroundTruth.from_trace(trace)
+    # Every user online at the end of the trace has a session whose online came and whose end never did.
+    ends: dict[tuple[str, str], int] = {}
+    starts: dict[tuple[str, str], int] = {}
+    for delivery in trace.deliveries:
+        for e in delivery.events:
+            key = (e["userid"], e["sessionId"])
+            (starts if e["status"] == "0" else ends)[key] = e["time"]
+    late = trace.duration_ms + 10**7
+    for userid in truth.users():
+        open_sessions = [k for k in starts if k[0] == userid and k not in ends]
+        assert truth.online_at(userid, late) == bool(open_sessions)
+
+
+def test_pause_after_many_failures_in_a_short_time() -> None:
+    rule = PauseRule(CallbackPolicy(failures_to_pause=3, failure_window=10, pause=60))
+    assert not rule.failure(0)
+    assert not rule.failure(20)  # the first one is out of the window by now
+    assert not rule.failure(21)
+    assert rule.failure(22)
+    assert rule.wait(22) == 60 and rule.wait(82) == 0
+    assert rule.pauses == 1
+
+
+class Upstream:
+    """A fake HTTP endpoint for the sender: answers by a script, records what it got and when."""
+
+    def __init__(self, clock: ManualClock, answers: list[bool] | None = None, default: bool = True) -> None:
+        self.clock = clock
+        self.answers = list(answers or [])
+        self.default = default
+        self.requests: list[tuple[float, str, bytes]] = []
+
+    async def post(self, url: str, body: bytes, timeout: float) -> bool:
+        self.requests.append((self.clock.now(), url, body))
+        ok = self.answers.pop(0) if self.answers else self.default
+        if not ok:
+            await self.clock.sleep(timeout)  # a timed-out attempt takes the whole timeout
+        return ok
+
+
+async def test_callbacks_are_signed_and_sent_at_their_times() -> None:
+    clock = ManualClock()
+    upstream = Upstream(clock)
+    sender = CallbackSender(
+        trace_of(Delivery(0, "n1", (event("u", "a", "0", 0),)), Delivery(2500, "n2", (event("u", "a", "1", 2400),))),
+        TARGET, clock=clock, post=upstream.post,
+    )  # fmt: skip
+    start = clock.now()
+    stats = await sender.run()
+    assert stats.delivered == 2 and stats.attempts == 2
+    assert [round(t - start, 3) for t, _, _ in upstream.requests] == [0.0, 2.5]
+    url, body = upstream.requests[1][1:]
+    query = dict(parse_qsl(urlsplit(url).query))
+    assert query["appKey"] == "app-key" and query["nonce"] == "n2"
+    assert query["signature"] == compute_signature("app-secret", "n2", query["timestamp"])
+    assert orjson.loads(body)[0]["time"] == sender.base_ms + 2400
+
+
+async def test_three_attempts_with_a_5s_timeout_then_dropped_for_good() -> None:
+    clock = ManualClock()
+    upstream = Upstream(clock, answers=[False, False, False])
+    lost_event = event("u", "a", "1", 0)
+    sender = CallbackSender(
+        trace_of(Delivery(0, "n1", (lost_event,))), TARGET, clock=clock, post=upstream.post
+    )
+    stats = await sender.run()
+    assert (stats.attempts, stats.failed_attempts, stats.dropped, stats.delivered) == (3, 3, 1, 0)
+    times = [t - upstream.requests[0][0] for t, _, _ in upstream.requests]
+    assert times == [0, 5, 10]  # each retry follows the 5 s timeout of the one before
+    assert len({body for _, _, body in upstream.requests}) == 1  # the same request each time
+    assert stats.missing_events == [lost_event]
+
+
+async def test_a_retry_that_succeeds_delivers() -> None:
+    clock = ManualClock()
+    upstream = Upstream(clock, answers=[False, True])
+    stats = await CallbackSender(
+        trace_of(Delivery(0, "n1", (event("u", "a", "0", 0),))), TARGET, clock=clock, post=upstream.post
+    ).run()
+    assert (stats.attempts, stats.delivered, stats.dropped) == (2, 1, 0)
+
+
+async def test_many_timeouts_pause_all_callbacks_for_a_minute() -> None:
+    clock = ManualClock()
+    upstream = Upstream(clock, default=False)
+    policy = CallbackPolicy(failures_to_pause=3, failure_window=60, pause=60, concurrency=1)
+    deliveries = [Delivery(n * 1000, f"n{n}", (event("u", f"s{n}", "0", n * 1000),)) for n in range(3)]
+    sender = CallbackSender(trace_of(*deliveries), TARGET, policy=policy, clock=clock, post=upstream.post)
+    start = clock.now()
+    stats = await sender.run()
+    assert stats.pauses >= 1
+    gaps = [b[0] - a[0] for a, b in zip(upstream.requests, upstream.requests[1:], strict=False)]
+    # After the third failure (t = 15 s) nothing is sent for the minute of the pause.
+    assert max(gaps) >= 60
+    assert stats.dropped == 3 and stats.delivered == 0
+    assert clock.now() - start >= 60
+
+
+@pytest.mark.parametrize("loss_rate", [0.0, 0.1, 1.0])
+async def test_loss_rate(loss_rate: float) -> None:
+    clock = ManualClock()
+    upstream = Upstream(clock)
+    deliveries = [Delivery(n, f"n{n}", (event(f"u{n}", "a", "0", n),)) for n in range(1000)]
+    stats = await CallbackSender(
+        trace_of(*deliveries), TARGET, policy=CallbackPolicy(loss_rate=loss_rate, seed=7), clock=clock,
+        post=upstream.post,
+    ).run()  # fmt: skip
+    assert stats.lost + stats.delivered == 1000
+    assert stats.lost == pytest.approx(1000 * loss_rate, abs=40)
+    assert len(upstream.requests) == stats.delivered
+    assert len(stats.missing_events) == stats.lost
+
+
+async def test_upstream_retries_in_the_trace_resend_the_same_request() -> None:
+    clock = ManualClock()
+    upstream = Upstream(clock)
+    original = Delivery(0, "n1", (event("u", "a", "0", 0),))
+    retry = Delivery(5000, "n1", original.events, retry_of=0)
+    await CallbackSender(trace_of(original, retry), TARGET, clock=clock, post=upstream.post).run()
+    assert upstream.requests[0][1:] == upstream.requests[1][1:]
