@@ -273,3 +273,21 @@ def test_g9_redaction_as_defence_in_depth() -> None:
     from core.logs import redact
 
     assert redact("/x?appKey=k&nonce=1&signature=abc") == "/x?appKey=k&nonce=[redacted]&signature=[redacted]"
+
+
+async def test_g9_access_log_has_every_failure_and_the_sampled_fraction_of_successes(
+    harness_factory: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with harness_factory(gateway_access_log_success_sample=0.25) as h:
+        for i in range(8):
+            assert (await h.client.post(signed_url(nonce=f"ok{i}"), json=[ev()])).status_code == 200
+        for i in range(3):
+            url = signed_url(nonce=f"bad{i}", secret="wrong-secret")
+            assert (await h.client.post(url, json=[ev()])).status_code == 401
+        assert (await h.client.post(signed_url(nonce="junk"), content=b"junk")).status_code == 400
+        await h.client.get("/healthz")
+    lines = [r for r in caplog.records if r.name == "gateway.access" and r.levelno == logging.INFO]
+    statuses = sorted(r.__dict__["status"] for r in lines)
+    assert statuses == [200, 200, 400, 401, 401, 401]
+    assert {r.__dict__["reason"] for r in lines if r.__dict__["status"] == 401} == {"bad_signature"}
