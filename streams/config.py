@@ -46,6 +46,11 @@ class WorkerSettings(CommonSettings):
     worker_offline_grace_seconds: float = Field(default=0, ge=0)
     worker_include_client_ip: bool = True
     worker_transition_memory: int = Field(default=8, ge=1, le=1000)
+    worker_deletion_memory: int = Field(
+        default=10_000,
+        ge=1,
+        description="Deleted users kept per partition to re-send their deletion after a crash (S10).",
+    )
     worker_sweep_batch: int = Field(default=1000, ge=1)
     worker_tick_interval_seconds: float = Field(default=1.0, gt=0)
 
@@ -111,6 +116,7 @@ class WorkerSettings(CommonSettings):
             offline_grace_ms=int(self.worker_offline_grace_seconds * 1000),
             include_client_ip=self.worker_include_client_ip,
             transition_memory=self.worker_transition_memory,
+            deletion_memory=self.worker_deletion_memory,
         )
 
     # --- reconciliation: RongCloud's checkOnline (docs/reconciliation.md) ------------------------------------

@@ -18,6 +18,14 @@ Decisions on cases the contract leaves open:
   because S7 emits whenever the S5 status changes and that is the information a consumer needs.
 * **epoch** is the time of the event that created the record. A user deleted under S6 and seen again starts a new
   record, hence a new epoch (normally far later), and ``seq`` restarts at 1.
+* **Deletion (S6, S7).** Deleting a user changes what the query API answers (a record, then 404, which consumers
+  read as ``offline``), so it is a transition like any other: ``from`` the status shown ``to: "offline"``, with
+  cause event ``deleted`` (session ``-``, no os or IP), ``at`` = ``last_seen + user_retention_ms`` (the instant the
+  retention ran out, a function of the record alone, so a recomputed deletion is identical), next ``seq`` of
+  the epoch. It is emitted even from ``offline``: ``to`` stays within the statuses every v1 reader knows, and the
+  cause tells a follower to forget the user. A consumer that saw it infers ``offline``, which is exactly what a
+  new record created by an offline shows, so such a record still emits nothing, and one created by a logout or
+  an online emits its change from ``offline``.
 * **Stream time** inside :func:`apply` is ``max(stream_time, event.time)``: the event being applied belongs to
   the partition, so stream time has reached it. A held transition whose window that time has passed is released
   *before* the event is applied, so an online later than ``t + G`` never cancels an expired hold.
@@ -32,10 +40,13 @@ Decisions on cases the contract leaves open:
 * **Client IPs.** With ``include_client_ip`` off, IPs are not even stored in the record (nor in its changelog):
   what is never published need not be kept.
 * **Re-emits (S10).** The record remembers its last ``transition_memory`` transitions with the event (or sweep
-  stream time) that triggered them. An event found duplicate or stale that matches a remembered trigger, delivery
-  id included, re-emits those transitions unchanged, so a worker that wrote the table but died before its sends were acknowledged
-  repairs the gap on redelivery. A redelivered tick (same tick id and stream time) does the same for a release.
-  This needs the glue to hand a redelivered message the same stream time it had the first time.
+  stream time and delivery) that triggered them. An event found duplicate or stale that matches a remembered
+  trigger, delivery id included, re-emits those transitions unchanged, and every remembered one after them (a
+  re-send always ends on the user's latest transition), so a worker that wrote the table but died
+  before its sends were acknowledged repairs the gap on redelivery. :func:`remembered` hands out the whole memory,
+  for the glue to re-send what a restart may have lost but no redelivered event names: sweep releases and
+  deletions. A deleting sweep therefore returns the user's final record, memory included, for the glue to keep
+  as long as a re-send may be needed.
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ from core.contract import CODE_BY_STATUS, STATUS_BY_CODE, Event, EventStatus
 
 UserStatus = Literal["online", "offline", "logged_out"]
 Outcome = Literal["applied", "duplicate", "stale"]
+# What caused a transition: an upstream event, or the deletion of an idle user (S6).
+CauseEvent = Literal["online", "offline", "logout", "deleted"]
 
 SCHEMA_VERSION: Final = 1
 MINUTE_MS: Final = 60_000
@@ -57,6 +70,8 @@ DAY_MS: Final = 24 * 60 * MINUTE_MS
 # rank the same way, so the code doubles as the priority.
 _PRIORITY: Final = CODE_BY_STATUS
 _SWEEP_TRIGGER: Final = "sweep"
+# A deletion's cause names no session; the schema requires a non-empty string, so it is a fixed placeholder.
+DELETION_SESSION: Final = "-"
 
 # An event's trigger is ``Event.trigger``. A trigger names what caused transitions to be emitted, so a redelivery of it can re-emit them:
 # (session_id, event status, event time, delivery id) for an event, (None, "sweep", stream time, tick id) for a
@@ -74,6 +89,8 @@ class PresenceConfig:
     offline_grace_ms: int = 0
     include_client_ip: bool = True
     transition_memory: int = 8
+    # Deleted users whose final record the glue keeps per partition, to re-send their deletion after a crash (S10).
+    deletion_memory: int = 10_000
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,6 +98,7 @@ class PresenceConfig:
             "user_retention_ms",
             "offline_grace_ms",
             "transition_memory",
+            "deletion_memory",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -102,7 +120,7 @@ class SessionState(NamedTuple):
 
 class Cause(NamedTuple):
     session_id: str
-    event: EventStatus
+    event: CauseEvent
     os: str | None
     client_ip: str | None
 
@@ -168,7 +186,7 @@ class Memo(NamedTuple):
     to_status: UserStatus
     at: int
     cause_session: str
-    cause_event: EventStatus
+    cause_event: CauseEvent
     cause_os: str | None
     cause_ip: str | None
     platforms: tuple[str, ...]
@@ -234,7 +252,11 @@ class ApplyResult(NamedTuple):
 
 
 class SweepResult(NamedTuple):
-    """What the glue must do after :func:`sweep`; ``deleted`` means delete the key and send a tombstone."""
+    """What the glue must do after :func:`sweep`.
+
+    ``deleted`` means the user is deleted: send ``transitions`` (the deletion), then a STATE tombstone. The
+    record returned with it is the user's final form, kept only to re-send the deletion (S10), never shown.
+    """
 
     transitions: tuple[Transition, ...]
     record_changed: bool
@@ -300,7 +322,15 @@ def _remember(
 
 
 def _recall(userid: str, memory: tuple[Memo, ...], trigger: Trigger) -> list[Transition]:
-    return [m.transition(userid) for m in memory if m.matches(trigger)]
+    """What ``trigger`` caused, and every transition remembered after it.
+
+    The re-send runs to the user's latest transition so that a consumer ends on it whatever it received
+    meanwhile: a repeat of an older transition alone could otherwise follow a deletion the consumer has seen.
+    """
+    for i, memo in enumerate(memory):
+        if memo.matches(trigger):
+            return [m.transition(userid) for m in memory[i:]]
+    return []
 
 
 def _release(
@@ -450,6 +480,23 @@ def apply(
     return new_record, ApplyResult("applied", tuple(reemits + emitted), True, True, bool(reemits))
 
 
+def remembered(record: UserRecord) -> tuple[Transition, ...]:
+    """Every transition the record remembers, oldest first (``seq`` order), for re-sending after a restart (S10)."""
+    userid = record.userid
+    return tuple(m.transition(userid) for m in record.memory)
+
+
+def reborn(final: UserRecord, record: UserRecord, config: PresenceConfig) -> UserRecord:
+    """``record``, the new record of a user deleted before (``final``: its final record), also remembering the
+    final record's transitions: a crash may yet require re-sending the deletion (S10). Newer transitions evict
+    them as usual."""
+    if not final.memory:
+        return record
+    memory = final.memory + record.memory
+    size = config.transition_memory
+    return record._replace(memory=memory[-size:] if len(memory) > size else memory)
+
+
 def redelivered(record: UserRecord, event: Event) -> ApplyResult:
     """An event the glue knows ``record`` already reflects (S10): change nothing, re-send what it caused.
 
@@ -468,8 +515,9 @@ def sweep(
     Releases a held transition whose window stream time has passed; drops ended sessions older than
     ``ended_session_retention_ms`` (status unchanged, nothing emitted, STATE unchanged since STATE lists online
     sessions only); deletes a user with no session online, nothing held and nothing seen for
-    ``user_retention_ms`` (``record`` becomes ``None``: delete the key and publish a tombstone). Returns the same
-    record object when nothing changed.
+    ``user_retention_ms``: emits the deletion transition and returns the final record with ``deleted`` set (the
+    glue publishes a tombstone and no longer treats the user as known). Returns the same record object when
+    nothing changed.
 
     ``tick_id`` names the tick message driving the sweep (e.g. its partition and offset): a redelivered tick
     with the same id and stream time re-emits the release it caused (S10). Left empty, every sweep at the same
@@ -496,14 +544,30 @@ def sweep(
     if any(s.status != "online" and s.time < cutoff for s in sessions.values()):
         sessions = {k: s for k, s in sessions.items() if s.status == "online" or s.time >= cutoff}
 
-    # Never delete in the sweep that sends something: the record's memory must outlive the send (S10).
+    # Never delete in a sweep that releases or re-sends something: one sweep, one kind of change.
     if (
         record.held is None
         and not reemits
         and stream_time - record.last_seen > config.user_retention_ms
         and not _has_online(sessions)
     ):
-        return None, SweepResult(_NO_TRANSITIONS, True, False, True, False)
+        seq += 1
+        cause = Cause(DELETION_SESSION, "deleted", None, None)
+        at = record.last_seen + config.user_retention_ms
+        emitted.append(Transition(record.userid, shown, "offline", at, cause, (), 0, record.epoch, seq))
+        final = UserRecord(
+            userid=record.userid,
+            sessions={},
+            epoch=record.epoch,
+            seq=seq,
+            last_seen=record.last_seen,
+            last_end_time=record.last_end_time,
+            last_end_logout=record.last_end_logout,
+            status="offline",
+            held=None,
+            memory=_remember(memory, trigger, emitted, config.transition_memory),
+        )
+        return final, SweepResult(tuple(emitted), True, False, True, False)
 
     if sessions is record.sessions and not emitted:
         if reemits:

@@ -21,7 +21,7 @@ from jsonschema import Draft202012Validator
 
 from presence.children import wait_until
 from presence.localkafka import free_port
-from streams.processor import Processor
+from streams.processor import Outgoing, Processor
 from streams.rules import PresenceConfig
 from tests.schemas import writer_validator
 
@@ -210,9 +210,15 @@ async def read_topic(
 
 
 def model_run(
-    raw: list[tuple[int, int, bytes, bytes | None]], config: PresenceConfig | None = None
+    raw: list[tuple[int, int, bytes, bytes | None]],
+    config: PresenceConfig | None = None,
+    settle_holds: bool = False,
 ) -> dict[str, Any]:
-    """The uninterrupted run: the same processor over RAW in partition order, with plain dicts."""
+    """The uninterrupted run: the same processor over RAW in partition order, with plain dicts.
+
+    ``settle_holds``: end with a tick on every partition long after the last event, releasing every held
+    transition (S8) as a worker's ticks do once the partitions are idle.
+    """
     table: dict[str, Any] = {}
     by_partition: dict[int, set[str]] = defaultdict(set)
 
@@ -222,16 +228,26 @@ def model_run(
     processor = Processor(table, config or PresenceConfig(), records_of_partition)
     transitions: dict[str, list[dict[str, Any]]] = defaultdict(list)
     state: dict[str, dict[str, Any] | None] = {}
-    for partition, offset, key, value in raw:
-        for out in processor.on_raw(partition, offset, key, value, now_ms=0):
+
+    def collect(outgoing: list[Outgoing]) -> None:
+        for out in outgoing:
             if out.topic == "transitions":
                 assert out.value is not None
                 payload = orjson.loads(out.value)
                 transitions[payload["userid"]].append(payload)
             elif out.topic == "state":
                 state[out.key.decode() if out.key else ""] = orjson.loads(out.value) if out.value else None
+
+    for partition, offset, key, value in raw:
+        collect(processor.on_raw(partition, offset, key, value, now_ms=0))
         if key is not None:
             by_partition[partition].add(key.decode())
+    if settle_holds:
+        ends: dict[int, int] = {}
+        for partition, offset, _, _ in raw:
+            ends[partition] = max(ends.get(partition, 0), offset + 1)
+        for partition, end in sorted(ends.items()):
+            collect(processor.on_tick(partition, end, now_ms=2**62))
     return {"transitions": transitions, "state": state}
 
 
