@@ -117,6 +117,7 @@ class WorkerSettings(CommonSettings):
             include_client_ip=self.worker_include_client_ip,
             transition_memory=self.worker_transition_memory,
             deletion_memory=self.worker_deletion_memory,
+            reconcile_margin_ms=int(self.reconcile_margin_seconds * 1000),
         )
 
     # --- reconciliation: RongCloud's checkOnline (docs/reconciliation.md) ------------------------------------

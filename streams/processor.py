@@ -244,8 +244,6 @@ class Processor:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
             event = contract.decode_raw_record(key, value, delivery_id=source)
-            if isinstance(event, contract.Observation):
-                raise contract.InvalidRaw("invalid_raw", "observations are not applied by this worker yet")
         except contract.InvalidRaw as exc:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
@@ -255,6 +253,9 @@ class Processor:
         self._start(partition, RAW, offset, out, now_ms)
         if isinstance(event, contract.GapMarker):
             self._on_gap(partition, event)
+            return out
+        if isinstance(event, contract.Observation):
+            self._on_observation(partition, offset, event, out, now_ms)
             return out
         stream_time = self._stream_time[partition]
         if event.time > stream_time:
@@ -285,10 +286,41 @@ class Processor:
         if self._metrics:
             self._metrics.events.labels(result.outcome).inc()
             self._metrics.event_time_lag.observe(max(0, now_ms - event.time) / 1000)
+        if result.outcome == "too_late" and self._checks is not None:
+            # R5: too old to judge; RongCloud's answer after the event's receipt settles the user's status.
+            self._checks.offer(userid, "suspect", fresh_after=event.received_at)
         self._emit(out, userid, None if deleted else new, result.transitions, result.reemitted,
                    result.publish_state, now_ms, event.received_at, tombstone=deleted)  # fmt: skip
         out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
         return out
+
+    def _on_observation(
+        self, partition: int, offset: int, observation: contract.Observation, out: list[Outgoing], now_ms: int
+    ) -> None:
+        """Apply an observation (R2-R4) in order with the user's events. Its time is the checker's wall clock, not
+        an event time, so it does not move stream time."""
+        userid = observation.userid
+        stream_time = self._stream_time[partition]
+        stored = self._stored(partition, userid, out, now_ms)
+        old = stored.record
+        if old is not None and offset <= stored.applied:
+            # A redelivery (S10): re-send what it caused, change nothing.
+            result = rules.redelivered(old, observation)
+            self._write(partition, userid, stored.live, old, stored.applied, stored.deleted_by)
+            deleted = stored.deleted_by is not None
+            self._emit(out, userid, None if deleted else old, result.transitions, result.reemitted,
+                       result.publish_state, now_ms, None, tombstone=deleted)  # fmt: skip
+            return
+        new, result = rules.apply_observation(stored.live, observation, stream_time, self._config)
+        if self._metrics and result.correction is not None:
+            self._metrics.reconcile_corrections.labels(result.correction).inc()
+        if new is None:
+            return  # offline and unknown: nothing to keep
+        if stored.deleted_by is not None and stored.record is not None:
+            new = rules.reborn(stored.record, new, self._config)
+        self._write(partition, userid, stored.live, new, offset)
+        self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms, None)
+        out.extend(self._sweep_due(partition, stream_time, now_ms, raw_position(partition, offset)))
 
     def on_tick(self, partition: int, offset: int, now_ms: int) -> list[Outgoing]:
         """A periodic tick for ``partition``: releases S8 holds on a partition with no events for G of wall time.
@@ -623,7 +655,8 @@ class Processor:
         """When ``record``'s user is due an ``age`` check if nothing changes (None: not while not shown online)."""
         if self._age is None or record.status != "online":
             return None
-        return self._age.due(record.last_seen, None)
+        # R4: an agreeing observation postpones the next check by the recheck interval.
+        return self._age.due(record.last_seen, record.verified_at)
 
     def _schedule_age(self, partition: int, userid: str, record: UserRecord | None) -> None:
         index = self._age_index.get(partition)
