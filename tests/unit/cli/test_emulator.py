@@ -108,6 +108,22 @@ async def test_callbacks_are_signed_and_sent_at_their_times() -> None:
     assert orjson.loads(body)[0]["time"] == sender.base_ms + 2400
 
 
+async def test_a_run_can_start_at_a_chosen_time() -> None:
+    """The caller picks the clock time that the trace's time 0 stands for (the benchmark hands the same base to
+    the API emulator before the first delivery): deliveries and event times count from it."""
+    clock = ManualClock()
+    upstream = Upstream(clock)
+    sender = CallbackSender(
+        trace_of(Delivery(1000, "n1", (event("u", "a", "0", 900),))), TARGET, clock=clock, post=upstream.post
+    )
+    start = clock.now() + 30
+    stats = await sender.run(start)
+    assert stats.delivered == 1
+    assert sender.base_ms == int(start * 1000)
+    assert [round(t - start, 3) for t, _, _ in upstream.requests] == [1.0]
+    assert orjson.loads(upstream.requests[0][2])[0]["time"] == int(start * 1000) + 900
+
+
 async def test_three_attempts_with_a_5s_timeout_then_dropped_for_good() -> None:
     clock = ManualClock()
     upstream = Upstream(clock, answers=[False, False, False])
