@@ -124,4 +124,3 @@ def test_sizes_scale_the_budget_with_the_population_and_time_with_the_speedup() 
     assert default.budget * default.speedup == full.budget * full.speedup
     assert default.users * default.speedup == full.users
     assert default.wall(default.max_silence) == full.max_silence / 5
-    assert default.wall_timeout(5.0) == 1.0 and full.wall_timeout(5.0) == 5.0
