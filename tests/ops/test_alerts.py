@@ -54,6 +54,11 @@ EXPECTED = {
     "PresenceConsumerGroupLagHigh",
     "PresenceConsumerGroupStalled",
     "PresenceGatewaySpoolVolumeWithoutPod",
+    # Reconciliation (RongCloud checkOnline): lost callbacks, the API failing or throttling, a backlog.
+    "PresenceReconcileCorrectionsHigh",
+    "PresenceReconcileApiFailing",
+    "PresenceReconcileThrottled",
+    "PresenceReconcileQueueBacklog",
 }
 
 
