@@ -666,7 +666,8 @@ def run(smoke: bool = False, out_dir: Path | None = None, full: bool = False,
     truth = GroundTruth.from_trace(truth_trace)
     say(f"trace: {trace.event_count:,} events in {len(trace.deliveries):,} deliveries "
         f"({time.monotonic() - started:.1f} s to generate)")  # fmt: skip
-    with workspace("ghosts", heap="1g") as ws:
+    # BENCH_KEEP=1 keeps the workspace (the processes' logs) for a look afterwards.
+    with workspace("ghosts", heap="1g", keep=bool(os.environ.get("BENCH_KEEP"))) as ws:
         results = asyncio.run(_run_modes(ws, size, truth_trace, truth, modes))
     payload: dict[str, Any] = {
         "settings": {**asdict(size), "budget_per_second": size.budget, "rate_limit_per_second": size.rate_limit,

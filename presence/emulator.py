@@ -416,7 +416,12 @@ class ApiEmulator:
         now = self.clock.now()
         if self.delay:
             await asyncio.sleep(self.delay)
-        form = await request.post()
+        try:
+            form = await request.post()
+        except ConnectionResetError:
+            # The caller went away before its request was read (a worker stopping with checks in flight):
+            # nothing was asked, nothing is answered or recorded.
+            return web.Response(status=400)
         userid = form.get("userId")
         userid = userid if isinstance(userid, str) else ""
         if self.fail_with is not None:
