@@ -26,12 +26,14 @@ trace's span, for every user the trace names:
 trace ``speedup`` times faster: every duration is divided by the factor — the trace's times (and with them
 upstream's batching window, retry delays and late offlines), upstream's failure window and pause, the outage,
 and the product's timings set for the run (max_silence, recheck interval, margin, gap lookback, ended-session
-retention, the checkOnline back-off, the worker's tick) — and every rate multiplied by it (the budget and
+retention, the checkOnline back-off) — and every rate multiplied by it (the budget and
 RongCloud's rate limit per wall-clock second). With a fifth of the users the events and API calls per wall-clock
 second are those of the full run. What does not compress is the processes' own latency (gateway to
 ``emitted_at``, an API call) and start-up: they weigh ``speedup`` times more in trace time, which adds to the
 short wrong intervals (reported apart) and to the outage (the gateway's restart). For that reason a timeout on
-one request (upstream's 5 s per attempt, the gateway's publish budget, the checkOnline timeout) is left as it is.
+one request (upstream's 5 s per attempt, the gateway's publish budget, the checkOnline timeout) is left as it is,
+and so is the worker's tick (once a second; its timers, the one that offers age checks among them, take a good
+part of a tick's interval already).
 Results are reported in trace time. ``--full`` runs the issue's size (50,000 users, 15 minutes, no compression).
 
 The modes run at the same time, on one broker, each with its own gateway, worker, topics and API emulator: the
@@ -56,13 +58,23 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.common import Service, Workspace, percentile, python_module, say, table, workspace, write_results
+from bench.common import (
+    CpuMeter,
+    Service,
+    Workspace,
+    percentile,
+    python_module,
+    say,
+    table,
+    workspace,
+    write_results,
+)
 from bench.gateway import _healthy
 from bench.kafka_tools import Offsets
 from bench.recovery import ready
 from bench.traffic import APP_KEY, APP_SECRET
 from bench.worker import PARTITIONS, _settings, faust_worker
-from core.contract import WEBHOOK_PATH
+from core.contract import STATUS_BY_CODE, WEBHOOK_PATH
 from core.topics import ensure_topics
 from presence.children import wait_until
 from presence.emulator import ApiEmulator, CallbackPolicy, CallbackSender, GroundTruth
@@ -349,6 +361,22 @@ def _reconcile_samples(text: str) -> dict[str, float]:
     return samples
 
 
+def processing_delays(raw: Iterable[dict[str, Any]], transitions: Iterable[dict[str, Any]]) -> list[float]:
+    """Seconds (wall clock) from the gateway's receipt of an event (``received_at`` on RAW, the first copy) to
+    the ``emitted_at`` of the transition it caused: what the worker's lag adds to every status change."""
+    received: dict[tuple[str, str], int] = {}
+    for record in raw:
+        if record.get("kind") is None and isinstance(record.get("received_at"), int):
+            key = (record["sessionId"], STATUS_BY_CODE.get(record["status"], ""))
+            received[key] = min(record["received_at"], received.get(key, record["received_at"]))
+    delays = []
+    for t in transitions:
+        at = received.get((t["cause"]["sessionId"], t["cause"]["event"]))
+        if at is not None:
+            delays.append((t["emitted_at"] - at) / 1000)
+    return delays
+
+
 async def _read_transitions(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -405,8 +433,6 @@ class Mode:
             "reconcile_timeout_seconds": 5.0,
             "reconcile_backoff_seconds": s.wall(0.5),
             "worker_ended_session_retention_seconds": s.wall(s.ended_session_retention),
-            # The timer that offers age checks (and releases held offlines): once a second, compressed.
-            "worker_tick_interval_seconds": max(0.1, s.wall(1.0)),
         })  # fmt: skip
 
     def gateway_env(self, port: int) -> dict[str, str]:
@@ -465,6 +491,12 @@ class Mode:
         size, result = self.size, self.result
         transitions = await _read_transitions(self.ws.bootstrap, self.topics["topic_transitions"])
         result["transitions"] = len(transitions)
+        delays = processing_delays(
+            await _read_transitions(self.ws.bootstrap, self.topics["topic_raw"]), transitions
+        )
+        # Wall-clock seconds: the processes' latency is not compressed; in trace time it weighs speedup times more.
+        result["processing_delay_wall_s"] = {"p50": percentile(delays, 50), "p99": percentile(delays, 99),
+                                             "max": max(delays, default=math.nan)}  # fmt: skip
         base_ms = result.pop("_base_ms")
         window = (base_ms, base_ms + int(size.wall(size.trace_seconds) * 1000))
         scored = score(self.truth, base_ms, shown_changes(transitions), window, int(size.wall(size.margin) * 1000),
@@ -494,6 +526,8 @@ class Mode:
         load_at_start = [round(x, 2) for x in os.getloadavg()]
         say(f"{self.mode}: sending {len(self.trace.deliveries):,} deliveries over "
             f"{size.wall(size.trace_seconds):.0f} s ({size.trace_seconds / 60:.0f} trace minutes)")  # fmt: skip
+        meter = CpuMeter({"worker": worker.pid})
+        meter.start()
         sending = asyncio.create_task(sender.run(start))
         outage = asyncio.create_task(self._outage(gateway, port, start))
         progress = asyncio.create_task(self._progress(sender, api, start))
@@ -508,6 +542,7 @@ class Mode:
             with contextlib.suppress(asyncio.CancelledError):
                 await outage
         sent_seconds = time.time() - start
+        meter.stop()
         drain_started = time.monotonic()
         # Everything on RAW when the trace ended processed (observations included), so TRANSITIONS holds every
         # answer to the trace. RAW goes on growing while reconciliation re-checks silent users.
@@ -532,6 +567,7 @@ class Mode:
         return {"_base_ms": base_ms, "seconds": round(sent_seconds, 1),
                 "load_average_at_start": load_at_start,
                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                "worker_cores": meter.cores()["worker"],
                 "callbacks": self._callbacks(stats),
                 "outage": {k: v for k, v in self.outage.items() if not k.endswith("_ms")},
                 "api": self._api(calls, start)}  # fmt: skip
@@ -744,6 +780,13 @@ def render(payload: dict[str, Any]) -> str:
             api_rows,
         )
     )
+    pipeline_rows = [[name, m["transitions"], m["worker_cores"], m["processing_delay_wall_s"]["p50"],
+                      m["processing_delay_wall_s"]["p99"], m["processing_delay_wall_s"]["max"],
+                      m["load_average_at_start"][0], m["load_average_at_end"][0]]
+                     for name, m in modes.items()]  # fmt: skip
+    parts.append(table("Pipeline (wall clock: gateway receipt -> emitted_at; load average of the shared machine)",
+                       ["reconciliation", "transitions", "worker cores", "delay p50 s", "delay p99 s",
+                        "delay max s", "load at start", "load at end"], pipeline_rows))  # fmt: skip
     skipped = [f"- {name}: skipped: {m['skipped']}" for name, m in payload["modes"].items() if "skipped" in m]
     if skipped:
         parts.append("\n" + "\n".join(skipped))

@@ -13,6 +13,7 @@ from bench.ghosts import (
     Wrong,
     compress,
     max_in_window,
+    processing_delays,
     score,
     shown_changes,
     wrong_intervals,
@@ -124,3 +125,23 @@ def test_sizes_scale_the_budget_with_the_population_and_time_with_the_speedup() 
     assert default.budget * default.speedup == full.budget * full.speedup
     assert default.users * default.speedup == full.users
     assert default.wall(default.max_silence) == full.max_silence / 5
+
+
+def test_processing_delay_runs_from_the_gateways_receipt_to_the_transition() -> None:
+    raw = [
+        {"userid": "u", "sessionId": "s", "status": 0, "received_at": 1_000},
+        {
+            "userid": "u",
+            "sessionId": "s",
+            "status": 0,
+            "received_at": 1_500,
+        },  # a retry: the first copy counts
+        {"userid": "u", "sessionId": "s", "status": 1, "received_at": 5_000},
+        {"kind": "observation", "userid": "u", "online": False, "at": 6_000},
+    ]
+    transitions = [
+        {"userid": "u", "emitted_at": 1_020, "cause": {"sessionId": "s", "event": "online"}},
+        {"userid": "u", "emitted_at": 5_250, "cause": {"sessionId": "s", "event": "offline"}},
+        {"userid": "u", "emitted_at": 7_000, "cause": {"sessionId": "reconcile", "event": "reconcile"}},
+    ]
+    assert processing_delays(raw, transitions) == [0.02, 0.25]
