@@ -361,8 +361,10 @@ def _reconcile_samples(text: str) -> dict[str, float]:
     return samples
 
 
-def processing_delays(raw: Iterable[dict[str, Any]], transitions: Iterable[dict[str, Any]]) -> list[float]:
-    """Seconds (wall clock) from the gateway's receipt of an event (``received_at`` on RAW, the first copy) to
+def processing_delays(
+    raw: Iterable[dict[str, Any]], transitions: Iterable[dict[str, Any]]
+) -> list[tuple[int, float]]:
+    """(receipt ms, seconds) from the gateway's receipt of an event (``received_at`` on RAW, the first copy) to
     the ``emitted_at`` of the transition it caused: what the worker's lag adds to every status change."""
     received: dict[tuple[str, str], int] = {}
     for record in raw:
@@ -373,8 +375,8 @@ def processing_delays(raw: Iterable[dict[str, Any]], transitions: Iterable[dict[
     for t in transitions:
         at = received.get((t["cause"]["sessionId"], t["cause"]["event"]))
         if at is not None:
-            delays.append((t["emitted_at"] - at) / 1000)
-    return delays
+            delays.append((at, (t["emitted_at"] - at) / 1000))
+    return sorted(delays)
 
 
 async def _read_transitions(bootstrap: str, topic: str) -> list[dict[str, Any]]:
@@ -491,13 +493,21 @@ class Mode:
         size, result = self.size, self.result
         transitions = await _read_transitions(self.ws.bootstrap, self.topics["topic_transitions"])
         result["transitions"] = len(transitions)
-        delays = processing_delays(
-            await _read_transitions(self.ws.bootstrap, self.topics["topic_raw"]), transitions
-        )
+        base_ms = result.pop("_base_ms")
+        raw = await _read_transitions(self.ws.bootstrap, self.topics["topic_raw"])
+        timed = processing_delays(raw, transitions)
+        delays = [d for _, d in timed]
         # Wall-clock seconds: the processes' latency is not compressed; in trace time it weighs speedup times more.
         result["processing_delay_wall_s"] = {"p50": percentile(delays, 50), "p99": percentile(delays, 99),
                                              "max": max(delays, default=math.nan)}  # fmt: skip
-        base_ms = result.pop("_base_ms")
+        # By tenth of the trace (by receipt): where the worker fell behind.
+        tenth_ms = size.wall(size.trace_seconds) * 100
+        result["processing_delay_p99_wall_s_by_tenth"] = [
+            percentile(
+                [d for at, d in timed if base_ms + n * tenth_ms <= at < base_ms + (n + 1) * tenth_ms], 99
+            )
+            for n in range(10)
+        ]
         window = (base_ms, base_ms + int(size.wall(size.trace_seconds) * 1000))
         scored = score(self.truth, base_ms, shown_changes(transitions), window, int(size.wall(size.margin) * 1000),
                        size.speedup)  # fmt: skip

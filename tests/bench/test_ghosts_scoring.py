@@ -144,4 +144,4 @@ def test_processing_delay_runs_from_the_gateways_receipt_to_the_transition() -> 
         {"userid": "u", "emitted_at": 5_250, "cause": {"sessionId": "s", "event": "offline"}},
         {"userid": "u", "emitted_at": 7_000, "cause": {"sessionId": "reconcile", "event": "reconcile"}},
     ]
-    assert processing_delays(raw, transitions) == [0.02, 0.25]
+    assert processing_delays(raw, transitions) == [(1_000, 0.02), (5_000, 0.25)]
