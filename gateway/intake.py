@@ -46,6 +46,7 @@ class Answer:
 
 FORBIDDEN = Answer(403, {"error": "forbidden"}, "forbidden")
 BODY_NOT_RECEIVED = Answer(408, {"error": "request body not received in time"}, "bad_request")
+INTERNAL_ERROR = Answer(500, {"error": "internal error"}, "error")
 
 
 def unauthorized(reason: AuthFailure) -> Answer:

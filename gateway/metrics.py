@@ -26,6 +26,8 @@ OUTCOMES = (
     "bad_request",
     "too_large",
     "unavailable",
+    # An unhandled exception: a bug, answered 500. Counted so the 5xx alert sees it.
+    "error",
 )
 EVENT_STATUSES = ("online", "offline", "logout", "invalid")
 EVENT_OUTCOMES = ("published", "spooled", "dead_lettered", "refused")

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from gateway.config import GatewaySettings
-from gateway.intake import BODY_NOT_RECEIVED, Accepted, Answer, Intake
+from gateway.intake import BODY_NOT_RECEIVED, INTERNAL_ERROR, Accepted, Answer, Intake
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import Publication, Publisher, Unavailable
 
@@ -74,6 +74,16 @@ async def webhook(request: Request) -> Response:
     # dependency solving is a measurable share of the framework's work per request.
     gateway: Gateway = request.app.state.gateway
     started = time.monotonic()
+    try:
+        return await _handle(request, gateway, started)
+    except Exception:
+        # A bug, never something a client sent (those have answers of their own): logged with its traceback,
+        # answered without one, and counted where the 5xx alert looks.
+        log.exception("unhandled error in the webhook")
+        return _respond(request, gateway.metrics, INTERNAL_ERROR, started)
+
+
+async def _handle(request: Request, gateway: Gateway, started: float) -> Response:
     deadline = started + gateway.settings.gateway_publish_budget_seconds
     received_at = wall_ms()
 

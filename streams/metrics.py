@@ -101,6 +101,13 @@ class WorkerMetrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
+        # The histogram's rate needs two recoveries in a window to show one; a gauge shows the last at once, and
+        # max_over_time gives the longest within any window.
+        self.last_recovery_seconds = Gauge(
+            "presence_worker_last_recovery_seconds",
+            "Duration of this worker's most recent recovery (rebalance to processing again).",
+            registry=r,
+        )
         self.pipeline_latency = Histogram(
             "presence_worker_pipeline_latency_seconds",
             "Gateway receipt of the causing event to the transition being emitted.",

@@ -116,29 +116,7 @@ class Query:
         userids, refusal = await _userids(view, request)
         if refusal is not None:
             return refusal
-        records: dict[str, Any] = {}
-        remote: dict[str, list[str]] = defaultdict(list)
-        routed = request.headers.get(ROUTED_HEADER) is not None
-        for userid in dict.fromkeys(userids):
-            owner = None if routed else self.owner_of(userid)
-            if owner is None and not routed:
-                return view.json(_REASSIGNING, status=503)
-            if owner is None or owner == self._me:
-                record = self._local(userid)
-                if record is not None:
-                    records[userid] = record
-            else:
-                remote[owner].append(userid)
-        for owner_url, ids in remote.items():
-            async with self._app.http_client.post(
-                f"{owner_url}/presence:batch",
-                data=orjson.dumps({"userids": ids}),
-                headers=self._forward_headers(),
-            ) as response:
-                if response.status != 200:
-                    return view.json({"error": f"owner {owner_url} answered {response.status}"}, status=502)
-                records.update((await response.json())["records"])
-        return view.json({"records": records})
+        return await self._by_owner(view, request, userids, "/presence:batch", "records", 200, self._local)
 
     async def reconcile(self, view: View, request: Request, reconciler: Reconciler | None) -> Response:
         """Queue an on-demand check of up to MAX_QUERY_BATCH users at the workers owning them (202): what each
@@ -151,7 +129,25 @@ class Query:
         userids, refusal = await _userids(view, request)
         if refusal is not None:
             return refusal
-        results: dict[str, str] = {}
+        return await self._by_owner(
+            view, request, userids, "/presence:reconcile", "queued", 202,
+            lambda userid: reconciler.offer(userid, "on_demand").value,
+        )  # fmt: skip
+
+    async def _by_owner(
+        self,
+        view: View,
+        request: Request,
+        userids: list[str],
+        path: str,
+        field: str,
+        status: int,
+        local: Callable[[str], Any],
+    ) -> Response:
+        """``local`` for each of ``userids`` this worker owns, ``path`` at the owners of the others; answer
+        ``{field: {userid: result}}`` (results that are None left out). A request routed here by another worker
+        is answered locally: its sender already found the owner."""
+        results: dict[str, Any] = {}
         remote: dict[str, list[str]] = defaultdict(list)
         routed = request.headers.get(ROUTED_HEADER) is not None
         for userid in dict.fromkeys(userids):
@@ -159,19 +155,19 @@ class Query:
             if owner is None and not routed:
                 return view.json(_REASSIGNING, status=503)
             if owner is None or owner == self._me:
-                results[userid] = reconciler.offer(userid, "on_demand").value
+                result = local(userid)
+                if result is not None:
+                    results[userid] = result
             else:
                 remote[owner].append(userid)
         for owner_url, ids in remote.items():
             async with self._app.http_client.post(
-                f"{owner_url}/presence:reconcile",
-                data=orjson.dumps({"userids": ids}),
-                headers=self._forward_headers(),
+                f"{owner_url}{path}", data=orjson.dumps({"userids": ids}), headers=self._forward_headers()
             ) as response:
-                if response.status != 202:
+                if response.status != status:
                     return view.json({"error": f"owner {owner_url} answered {response.status}"}, status=502)
-                results.update((await response.json())["queued"])
-        return view.json({"queued": results}, status=202)
+                results.update((await response.json())[field])
+        return view.json({field: results}, status=status)
 
 
 async def _userids(view: View, request: Request) -> tuple[list[str], Response | None]:
