@@ -540,11 +540,17 @@ class Processor:
             return out
         budget = self._sweep_batch
         deferred: list[tuple[int, str]] = []
+        swept: set[str] = set()
         while heap and heap[0][0] <= stream_time and budget > 0:
             entry_due, userid = heapq.heappop(heap)
             if scheduled.get(userid) != entry_due:
                 continue  # superseded by a later write
             del scheduled[userid]
+            if userid in swept:
+                # Swept already at this stream time and by this message: sweeping it again with the same trigger
+                # would take its own transitions for a redelivery's. The next message sweeps it.
+                deferred.append((entry_due, userid))
+                continue
             stored = self._stored(partition, userid, out, now_ms)
             record = stored.live
             if record is None:
@@ -560,6 +566,7 @@ class Processor:
                 self._schedule(partition, userid, due)
                 continue
             budget -= 1
+            swept.add(userid)
             new, result = rules.sweep(record, stream_time, self._config, source)
             if result.deleted:
                 assert new is not None  # noqa: S101 - a deleting sweep returns the final record

@@ -544,9 +544,10 @@ def sweep(
     if any(s.status != "online" and s.time < cutoff for s in sessions.values()):
         sessions = {k: s for k, s in sessions.items() if s.status == "online" or s.time >= cutoff}
 
-    # Never delete in a sweep that releases or re-sends something: one sweep, one kind of change.
+    # Stream time can pass a hold's window and the user retention at once: release, then delete. A sweep that
+    # re-sends (a redelivered tick) decides nothing more.
     if (
-        record.held is None
+        held is None
         and not reemits
         and stream_time - record.last_seen > config.user_retention_ms
         and not _has_online(sessions)
