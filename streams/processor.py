@@ -567,7 +567,7 @@ class Processor:
                 continue
             budget -= 1
             swept.add(userid)
-            new, result = rules.sweep(record, stream_time, self._config, source)
+            new, result = rules.sweep(record, stream_time, self._config, source, releases_only=holds_only)
             if result.deleted:
                 assert new is not None  # noqa: S101 - a deleting sweep returns the final record
                 # The final record stays as a marker until its deletion is known to have reached Kafka (S10).
@@ -582,6 +582,9 @@ class Processor:
                 continue
             if result.record_changed and new is not None:
                 self._write(partition, userid, record, new, stored.applied)
+            else:
+                # Nothing was due after all (a tick releases holds only): keep the user in the index.
+                deferred.append((due, userid))
             self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
                        None)  # fmt: skip
         for due, userid in deferred:
