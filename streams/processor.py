@@ -608,11 +608,17 @@ class Processor:
             return out
         budget = self._sweep_batch
         deferred: list[tuple[int, str]] = []
+        swept: set[str] = set()
         while heap and heap[0][0] <= stream_time and budget > 0:
             entry_due, userid = heapq.heappop(heap)
             if scheduled.get(userid) != entry_due:
                 continue  # superseded by a later write
             del scheduled[userid]
+            if userid in swept:
+                # Swept already at this stream time and by this message: sweeping it again with the same trigger
+                # would take its own transitions for a redelivery's. The next message sweeps it.
+                deferred.append((entry_due, userid))
+                continue
             stored = self._stored(partition, userid, out, now_ms)
             record = stored.live
             if record is None:
@@ -628,7 +634,8 @@ class Processor:
                 self._schedule(partition, userid, due)
                 continue
             budget -= 1
-            new, result = rules.sweep(record, stream_time, self._config, source)
+            swept.add(userid)
+            new, result = rules.sweep(record, stream_time, self._config, source, releases_only=holds_only)
             if result.deleted:
                 assert new is not None  # noqa: S101 - a deleting sweep returns the final record
                 # The final record stays as a marker until its deletion is known to have reached Kafka (S10).
@@ -643,6 +650,9 @@ class Processor:
                 continue
             if result.record_changed and new is not None:
                 self._write(partition, userid, record, new, stored.applied)
+            else:
+                # Nothing was due after all (a tick releases holds only): keep the user in the index.
+                deferred.append((due, userid))
             self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
                        None)  # fmt: skip
         for due, userid in deferred:

@@ -683,7 +683,11 @@ def redelivered(record: UserRecord, event: Event | Observation) -> ApplyResult:
 
 
 def sweep(
-    record: UserRecord | None, stream_time: int, config: PresenceConfig, tick_id: str = ""
+    record: UserRecord | None,
+    stream_time: int,
+    config: PresenceConfig,
+    tick_id: str = "",
+    releases_only: bool = False,
 ) -> tuple[UserRecord | None, SweepResult]:
     """Advance a record to ``stream_time`` without an event (S6 retention, S8 release).
 
@@ -693,6 +697,9 @@ def sweep(
     ``user_retention_ms``: emits the deletion transition and returns the final record with ``deleted`` set (the
     glue publishes a tombstone and no longer treats the user as known). Returns the same record object when
     nothing changed.
+
+    ``releases_only``: only release a hold; for the idle-partition tick, whose ``stream_time`` is made up of wall
+    time (S8) and must decide nothing else (sessions and users are dropped in stream time only).
 
     ``tick_id`` names the tick message driving the sweep (e.g. its partition and offset): a redelivered tick
     with the same id and stream time re-emits the release it caused (S10). Left empty, every sweep at the same
@@ -716,12 +723,14 @@ def sweep(
 
     sessions = record.sessions
     cutoff = stream_time - config.ended_session_retention_ms
-    if any(s.status != "online" and s.time < cutoff for s in sessions.values()):
+    if not releases_only and any(s.status != "online" and s.time < cutoff for s in sessions.values()):
         sessions = {k: s for k, s in sessions.items() if s.status == "online" or s.time >= cutoff}
 
-    # Never delete in a sweep that releases or re-sends something: one sweep, one kind of change.
+    # Stream time can pass a hold's window and the user retention at once: release, then delete. A sweep that
+    # re-sends (a redelivered tick) decides nothing more.
     if (
-        record.held is None
+        held is None
+        and not releases_only
         and not reemits
         and stream_time - record.last_seen > config.user_retention_ms
         and not _has_online(sessions)

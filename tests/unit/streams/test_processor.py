@@ -297,6 +297,32 @@ def test_s10_a_tick_release_lost_in_a_crash_is_resent_before_the_users_next_tran
     assert transitions(h.processor.on_tick(0, 8, now_ms=T + 50_001)) == []
 
 
+def test_s6_s8_a_user_released_and_due_for_deletion_at_once_is_released_then_deleted_once() -> None:
+    config = PresenceConfig(offline_grace_ms=4000, user_retention_ms=15_000)
+    h = Harness(config)
+    h.send("u", "s1", 0, T)
+    h.send("u", "s1", 1, T)  # held until stream time passes T + 4 s
+    out = [t for t in transitions(h.send("v", "x", 0, T + 15_001)) if t["userid"] == "u"]
+    assert [(t["seq"], t["to"], t["cause"]["event"]) for t in out] == [(2, "offline", "offline"),
+                                                                       (3, "offline", "deleted")]  # fmt: skip
+    assert state_of(h.table, "u", True) is None
+
+
+def test_s6_s8_a_tick_on_an_idle_partition_releases_but_never_deletes() -> None:
+    # A tick's stream time is made of wall time (S8): it may release a hold, never drop or delete in stream time.
+    config = PresenceConfig(offline_grace_ms=4000, user_retention_ms=15_000)
+    h = Harness(config)
+    h.send("u", "s1", 0, T)
+    h.send("u", "s1", 1, T)  # held; the partition stays idle
+    h.processor.on_tick(0, 1, now_ms=T + 10)
+    out = transitions(h.processor.on_tick(0, 2, now_ms=T + 60_000))
+    assert [(t["seq"], t["cause"]["event"]) for t in out] == [(2, "offline")]
+    assert state_of(h.table, "u", True) is not None
+    # Stream time itself passing the retention deletes the user.
+    out = [t for t in transitions(h.send("v", "x", 0, T + 15_001)) if t["userid"] == "u"]
+    assert [(t["seq"], t["cause"]["event"]) for t in out] == [(3, "deleted")]
+
+
 def test_s10_deleted_users_final_records_are_bounded_per_partition() -> None:
     config = PresenceConfig(user_retention_ms=MINUTE_MS, deletion_memory=2)
     h = Harness(config)

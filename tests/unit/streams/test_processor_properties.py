@@ -121,20 +121,21 @@ def transitions(outputs: list[Outgoing]) -> Iterator[dict[str, Any]]:
 
 class Follower:
     """A consumer of TRANSITIONS alone, deduplicating by ``(epoch, seq)`` as docs/consuming.md describes; counts
-    gaps. ``remembers_deletions``: it keeps the epoch a deletion closed and drops anything of it that comes again
-    (a repeat sent after a restart); otherwise it forgets a deleted user and may take such a repeat for news until
-    the repeated deletion follows (every re-send runs to the user's latest transition)."""
+    gaps. ``remembers_deletions``: it keeps the epochs deletions closed and drops anything of them that comes
+    again (a repeat sent after a restart may span several epochs); otherwise it forgets a deleted user and may
+    take such a repeat for news until the repeated deletion follows (every re-send runs to the user's latest
+    transition)."""
 
     def __init__(self, remembers_deletions: bool) -> None:
         self.remembers_deletions = remembers_deletions
         self.users: dict[str, tuple[str, int, int]] = {}  # userid -> (status, epoch, seq)
-        self.closed: dict[str, int] = {}  # userid -> the epoch its last deletion closed
+        self.closed: dict[str, set[int]] = {}  # userid -> the epochs deletions closed
         self.gaps: list[str] = []
 
     def see(self, t: dict[str, Any]) -> None:
         userid, cur = t["userid"], self.users.get(t["userid"])
         deleted = t["cause"]["event"] == "deleted"
-        if self.closed.get(userid) == t["epoch"]:
+        if t["epoch"] in self.closed.get(userid, ()):
             return  # a repeat from an epoch that has ended
         if cur is None:
             if deleted:
@@ -151,7 +152,7 @@ class Follower:
         if deleted:
             self.users.pop(userid, None)
             if self.remembers_deletions:
-                self.closed[userid] = t["epoch"]
+                self.closed.setdefault(userid, set()).add(t["epoch"])
         else:
             self.users[userid] = (t["to"], t["epoch"], t["seq"])
 

@@ -227,6 +227,17 @@ def test_s6_s7_an_offline_user_is_deleted_with_an_offline_to_offline_transition(
     assert (from_status, to_status, seq, event) == ("offline", "offline", 1, "deleted")
 
 
+def test_s6_s8_stream_time_past_a_hold_and_the_retention_at_once_releases_then_deletes() -> None:
+    record, _ = run([ev("a", "online", T0), ev("a", "offline", T0 + 1000)], DAMPED)
+    assert record is not None and record.held is not None
+    final, result = sweep(record, T0 + 1001 + DAMPED.user_retention_ms, DAMPED, "0@9")
+    assert result.deleted and final is not None
+    assert [(t.from_status, t.to_status, t.seq, t.cause.event) for t in result.transitions] == [
+        ("online", "offline", 2, "offline"),
+        ("offline", "offline", 3, "deleted"),
+    ]
+
+
 def test_s6_a_deletion_is_a_function_of_the_record_alone() -> None:
     # Recomputed later in stream time (a sweep redone after a crash), the deletion is the same transition.
     record, _ = run([ev("a", "online", T0), ev("a", "offline", T0 + 1)])
