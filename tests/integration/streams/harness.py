@@ -210,15 +210,9 @@ async def read_topic(
 
 
 def model_run(
-    raw: list[tuple[int, int, bytes, bytes | None]],
-    config: PresenceConfig | None = None,
-    settle_holds: bool = False,
+    raw: list[tuple[int, int, bytes, bytes | None]], config: PresenceConfig | None = None
 ) -> dict[str, Any]:
-    """The uninterrupted run: the same processor over RAW in partition order, with plain dicts.
-
-    ``settle_holds``: end with a tick on every partition long after the last event, releasing every held
-    transition (S8) as a worker's ticks do once the partitions are idle.
-    """
+    """The uninterrupted run: the same processor over RAW in partition order, with plain dicts."""
     table: dict[str, Any] = {}
     by_partition: dict[int, set[str]] = defaultdict(set)
 
@@ -242,12 +236,6 @@ def model_run(
         collect(processor.on_raw(partition, offset, key, value, now_ms=0))
         if key is not None:
             by_partition[partition].add(key.decode())
-    if settle_holds:
-        ends: dict[int, int] = {}
-        for partition, offset, _, _ in raw:
-            ends[partition] = max(ends.get(partition, 0), offset + 1)
-        for partition, end in sorted(ends.items()):
-            collect(processor.on_tick(partition, end, now_ms=2**62))
     return {"transitions": transitions, "state": state}
 
 
