@@ -358,6 +358,36 @@ def _recall(userid: str, memory: tuple[Memo, ...], trigger: Trigger) -> list[Tra
     return []
 
 
+def _new_record(userid: str, at: int) -> UserRecord:
+    """The record of a user first seen at ``at``: shown ``offline``, S5's status for a user never seen."""
+    return UserRecord(
+        userid=userid,
+        sessions={},
+        epoch=at,
+        seq=0,
+        last_seen=at,
+        last_end_time=None,
+        last_end_logout=False,
+        status="offline",
+        held=None,
+        memory=(),
+    )
+
+
+def _release_expired(
+    record: UserRecord, now: int, emitted: list[Transition]
+) -> tuple[int, UserStatus, HeldTransition | None]:
+    """Release ``record``'s held transition (S8) if stream time ``now`` is past its window, appending it to
+    ``emitted``: before anything else is applied, so a later event never cancels an expired hold. Returns the
+    seq, shown status and hold that remain."""
+    held = record.held
+    if held is None or now <= held.release_after:
+        return record.seq, record.status, held
+    seq = record.seq + 1
+    emitted.append(_release(record.userid, record.status, held, record.epoch, seq))
+    return seq, held.to_status, None
+
+
 def _release(
     record_userid: str, from_status: UserStatus, held: HeldTransition, epoch: int, seq: int
 ) -> Transition:
@@ -376,29 +406,10 @@ def apply(
     now = stream_time if stream_time >= event.time else event.time
     existed = record is not None
     if record is None:
-        # Seed shown status = offline: S5's status for a user never seen.
-        record = UserRecord(
-            userid=event.userid,
-            sessions={},
-            epoch=event.time,
-            seq=0,
-            last_seen=event.time,
-            last_end_time=None,
-            last_end_logout=False,
-            status="offline",
-            held=None,
-            memory=(),
-        )
+        record = _new_record(event.userid, event.time)
 
     emitted: list[Transition] = []
-    seq = record.seq
-    shown = record.status
-    held = record.held
-    if held is not None and now > held.release_after:
-        seq += 1
-        emitted.append(_release(record.userid, shown, held, record.epoch, seq))
-        shown = held.to_status
-        held = None
+    seq, shown, held = _release_expired(record, now, emitted)
 
     sessions = record.sessions
     old = sessions.get(event.session_id)
@@ -559,28 +570,10 @@ def apply_observation(
     if record is None:
         if not observation.online:
             return None, ApplyResult("applied", _NO_TRANSITIONS, False, False, False, "verified")
-        record = UserRecord(
-            userid=observation.userid,
-            sessions={},
-            epoch=at,
-            seq=0,
-            last_seen=at,
-            last_end_time=None,
-            last_end_logout=False,
-            status="offline",
-            held=None,
-            memory=(),
-        )
+        record = _new_record(observation.userid, at)
     trigger = observation_trigger(observation)
     emitted: list[Transition] = []
-    seq = record.seq
-    shown = record.status
-    held = record.held
-    if held is not None and stream_time > held.release_after:
-        seq += 1
-        emitted.append(_release(record.userid, shown, held, record.epoch, seq))
-        shown = held.to_status
-        held = None
+    seq, shown, held = _release_expired(record, stream_time, emitted)
 
     sessions = record.sessions
     last_end_time = record.last_end_time
