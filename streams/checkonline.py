@@ -173,8 +173,9 @@ class Budget:
     (``aiolimiter``), sized ``per_second × share``. Each worker's share is the fraction of partitions it owns,
     so the workers together never exceed the budget.
 
-    The bucket holds ``burst_seconds`` worth of calls at most, so any one-second window sees at most
-    ``(1 + burst_seconds) × rate`` calls. When RongCloud answers with its rate limit, every call waits: the
+    The bucket holds ``burst_seconds`` worth of calls (at least one) and refills at what the budget leaves after
+    it, so any one-second window sees at most ``rate`` calls (rates of 2 calls/s and more; below that a call or
+    so more) and the sustained rate is ``rate − burst + 1``. When RongCloud answers with its rate limit, every call waits: the
     pause doubles from ``throttle_initial`` up to ``throttle_max`` while the limit keeps answering (or follows
     ``Retry-After``), and resets after a call goes through.
     """
@@ -220,9 +221,12 @@ class Budget:
             # No partitions, no checks: a bucket that never refills stands for "wait for a share".
             self._limiter: AsyncLimiter | None = None
         else:
-            # aiolimiter takes whole calls: at least one in the bucket, refilled at the rate.
+            # aiolimiter takes whole calls: at least one in the bucket. A window of one second sees the bucket's
+            # calls but one plus a second's refill, so the refill leaves room for the burst: the budget is a
+            # ceiling on every one-second window (what RongCloud counts), not only an average.
             capacity = max(1.0, self.rate * self._burst_seconds)
-            self._limiter = AsyncLimiter(capacity, capacity / self.rate)
+            refill = max(self.rate - capacity + 1.0, self.rate / 2)
+            self._limiter = AsyncLimiter(capacity, capacity / refill)
         if self._metrics:
             self._metrics.budget_per_second.set(self.rate)
 
