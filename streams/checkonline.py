@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -521,6 +522,11 @@ class Reconciler:
         self._wall_ms = wall_ms
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        if metrics:
+            # Counted when scraped: counting the queue on every offer made a burst of offers quadratic (10,000
+            # users falling due at once took seconds of the agent's loop).
+            for trigger in OBSERVATION_SOURCES:
+                metrics.queue_depth.labels(trigger).set_function(self._depth_of(trigger))
 
     def offer(
         self,
@@ -538,20 +544,22 @@ class Reconciler:
             self._metrics.queue_offers.labels(source, result.value).inc()
         if result in (Offer.QUEUED, Offer.RAISED):
             self._wake.set()
-            self._report_depth()
         return result
+
+    def _depth_of(self, trigger: ObservationSource) -> Callable[[], float]:
+        return lambda: self.queue.depth().get(trigger, 0)
+
+    def room_for_age(self, seconds: float) -> int:
+        """How many ``age`` offers are worth making now: what the budget can check in ``seconds`` beyond the checks
+        already queued. Users not offered stay due in the worker's index for the next tick, so a population
+        falling due at once costs each tick a bounded share of the loop, not one long pause."""
+        return max(0, math.ceil(self.client.budget.rate * seconds) - len(self.queue))
 
     def resize(self, owned: int, total: int, *, gap_cap: int) -> None:
         """After a rebalance: take the share of ``owned`` out of ``total`` partitions of the deployment's budget
         and of each intake gap's cap (``gap_cap`` for the whole deployment)."""
         self.client.budget.resize(owned, total)
         self.queue.gap_cap = shared_gap_cap(gap_cap, self.client.budget.share)
-
-    def _report_depth(self) -> None:
-        if self._metrics:
-            depth = self.queue.depth()
-            for trigger in OBSERVATION_SOURCES:
-                self._metrics.queue_depth.labels(trigger).set(depth.get(trigger, 0))
 
     async def run(self) -> None:
         """Check users until cancelled."""
@@ -564,7 +572,6 @@ class Reconciler:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                self._report_depth()
                 task = asyncio.create_task(self._one(check))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -602,4 +609,3 @@ class Reconciler:
             self._wake.set()  # a deferred check of this user may be back in the queue
         finally:
             self._slots.release()
-            self._report_depth()

@@ -309,7 +309,10 @@ def _add_reconciler(worker: Worker) -> None:
             return
         owned = [tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_raw]
         worker.processor.ensure_indexed(owned)
-        worker.processor.age_checks(_now_ms())
+        # At most what the budget checks in a few ticks; the rest wait in the index, not in the queue.
+        worker.processor.age_checks(
+            _now_ms(), limit=reconciler.room_for_age(4 * settings.worker_tick_interval_seconds)
+        )
         for partition, marker in worker.processor.take_gaps():
             task = asyncio.create_task(scan_gap(partition, marker))
             scans.add(task)

@@ -267,3 +267,36 @@ async def test_reconciler_checks_in_order_and_publishes_observations() -> None:
     assert sample("presence_worker_reconcile_observations_published_total") == 2
     # Answered just now: another age check is not due.
     assert reconciler.offer("here", "age").value == "fresh"
+
+
+def test_age_offers_are_bounded_by_what_the_budget_checks_and_the_depth_is_counted_when_scraped() -> None:
+    """A population falling due at once is offered a few ticks' worth of budget at a time, not all at once."""
+    registry = CollectorRegistry()
+    queue = CheckQueue(recheck_interval_ms=60_000)
+
+    async def publish(observation: Observation) -> None:
+        raise AssertionError("nothing is checked here")
+
+    reconciler = Reconciler(
+        queue,
+        CheckOnlineClient(
+            app_key="key",
+            secret="secret",
+            budget=Budget(50),
+            base_urls=(PRIMARY,),
+            transport=httpx.MockTransport(lambda request: answer(code=200, status="1")),
+        ),  # fmt: skip
+        publish,
+        metrics=ReconcileMetrics(registry),
+        wall_ms=lambda: NOW_MS,
+    )
+    assert reconciler.room_for_age(4.0) == 200
+    for n in range(150):
+        reconciler.offer(f"u{n}", "age")
+    reconciler.offer("late", "suspect")
+    assert reconciler.room_for_age(4.0) == 49
+    depth = registry.get_sample_value
+    assert depth("presence_worker_reconcile_queue_depth", {"trigger": "age"}) == 150
+    assert depth("presence_worker_reconcile_queue_depth", {"trigger": "suspect"}) == 1
+    reconciler.resize(0, 12, gap_cap=100)
+    assert reconciler.room_for_age(4.0) == 0  # no partitions, no share of the budget, no offers
