@@ -137,7 +137,7 @@ def create_app(
         title="RongCloud presence gateway",
         description=(
             "Receives RongCloud's signed online-status callbacks and publishes every event to Kafka. "
-            "Rules G1-G9 are described in docs/gateway.md."
+            "Rules G1-G10 are described in docs/gateway.md."
         ),
         version="1",
         lifespan=lifespan,

@@ -314,3 +314,17 @@ async def test_g10_what_could_not_be_published_waits_in_the_clean_stop_mark(
     async with harness_factory(**GAPS) as h:  # Kafka is back: the next start publishes it
         await wait_for(lambda: len(markers(h)) == 4)
         assert markers(h)[0]["reason"] == "error_answer"
+
+
+async def test_g10_an_answer_later_than_upstreams_timeout_is_marked_slow(harness_factory: Harness) -> None:
+    async with harness_factory(**GAPS) as h:
+        gaps = h.app.state.gateway.gaps
+        gaps.answered(200, 0.01)
+        gaps.answered(200, UPSTREAM_TIMEOUT_MS / 1000 - 0.001)
+        assert gaps.tracker.open_windows() == []
+        before = time.time_ns() // 1_000_000
+        gaps.answered(200, UPSTREAM_TIMEOUT_MS / 1000 + 0.2)  # upstream gave up on this attempt
+        await wait_for(lambda: len(markers(h)) == 4)
+        marker = markers(h)[0]
+        assert marker["reason"] == "slow_answer"
+        assert marker["start"] <= before - UPSTREAM_TIMEOUT_MS and marker["end"] >= before
