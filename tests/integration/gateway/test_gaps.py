@@ -91,11 +91,11 @@ async def test_g10_a_failed_answer_marks_its_time_on_every_partition(
     gateway_settings: Callable[..., GatewaySettings],
     start_gateway: Callable[[GatewaySettings], GatewayServer],
 ) -> None:
-    settings = gateway_settings(gateway_max_events=1, gateway_gap_quiet_seconds=0.1, gateway_instance="gw-b")
+    settings = gateway_settings(gateway_max_events=1, gateway_gap_quiet_seconds=2.0, gateway_instance="gw-b")
     server = start_gateway(settings)
     started = time.time_ns() // 1_000_000
     async with httpx.AsyncClient(timeout=10) as client:
-        for i in range(10):  # a burst of 413s: one marker
+        for i in range(10):  # a burst of 413s (each well within the quiet time of the last): one marker
             query = signed_query(nonce=f"too-many-{i}")
             events = [event(f"u{i}", "s1"), event(f"u{i}", "s2")]
             response = await client.post(f"{server.webhook}?{query}", json=events)

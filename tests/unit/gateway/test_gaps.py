@@ -233,7 +233,7 @@ def events(n: int) -> list[dict[str, Any]]:
     return [{"userid": f"u{i}", "status": "0", "time": now, "sessionId": f"s{i}"} for i in range(n)]
 
 
-GAPS = {"gateway_instance": "gw-a", "gateway_gap_quiet_seconds": 0.05, "gateway_max_events": 1}
+GAPS = {"gateway_instance": "gw-a", "gateway_gap_quiet_seconds": 0.5, "gateway_max_events": 1}
 
 
 async def test_g10_failed_answers_make_one_marker_on_every_partition(harness_factory: Harness) -> None:
