@@ -13,7 +13,9 @@ arriving meanwhile. Batches of one topic-partition are handed to the client in o
 retries them as it would retry a ``send()``.
 
 A :class:`Handover` is one request's (or one drain chunk's) records in those batches: it tells when every batch
-holding one of them has been acknowledged or refused, and which records are unacknowledged.
+holding one of them has been acknowledged or refused, and which records are unacknowledged. A record for
+every partition (an intake-gap marker, :data:`gateway.spool.ALL_PARTITIONS`) is handed over as one copy per
+partition, each naming its partition, so only the copies Kafka did not acknowledge are spooled again.
 :meth:`Acknowledgements.settle` counts the outcome in the breaker and the publish metrics.
 """
 
@@ -28,7 +30,7 @@ from typing import Any, Literal, Protocol
 from core.contract import partition_of
 from gateway.breaker import Breaker
 from gateway.metrics import GatewayMetrics
-from gateway.spool import SpoolRecord
+from gateway.spool import ALL_PARTITIONS, SpoolRecord
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,11 @@ class PartitionBatches:
 
     def hand_over(self, records: Sequence[SpoolRecord]) -> Handover:
         """Append the records to their topic-partitions' open batches (every topic must be learnt)."""
-        handover = Handover(self, records)
-        for record in records:
+        sent = records
+        if any(record.partition is not None for record in records):
+            sent = self._copies(records)
+        handover = Handover(self, records, sent)
+        for record in sent:
             tp = (record.topic, self._partition(record))
             batch = self._open.get(tp)
             if (
@@ -144,8 +149,24 @@ class PartitionBatches:
                 queue.popleft().settle(error)
         self._open.clear()
 
+    def _copies(self, records: Sequence[SpoolRecord]) -> list[SpoolRecord]:
+        """The records with each one for every partition replaced by a copy per partition of its topic."""
+        copies: list[SpoolRecord] = []
+        for record in records:
+            if record.partition == ALL_PARTITIONS:
+                copies += (
+                    SpoolRecord(record.topic, record.key, record.value, partition)
+                    for partition in range(self._partitions[record.topic])
+                )
+            else:
+                copies.append(record)
+        return copies
+
     def _partition(self, record: SpoolRecord) -> int:
         partitions = self._partitions[record.topic]
+        if record.partition is not None:
+            # Named when it was spooled; a topic's partitions only ever grow, so it still exists.
+            return record.partition % partitions
         if record.key is not None:
             return partition_of(record.key, partitions)
         # No key (a dead letter without a readable userid): any partition will do; take turns.
@@ -198,9 +219,17 @@ class PartitionBatches:
 class Handover:
     """Records handed to one producer's batches, and which of them Kafka has acknowledged."""
 
-    def __init__(self, batches: PartitionBatches, records: Sequence[SpoolRecord]) -> None:
+    def __init__(
+        self,
+        batches: PartitionBatches,
+        records: Sequence[SpoolRecord],
+        sent: Sequence[SpoolRecord] | None = None,
+    ) -> None:
+        """``records`` as given; ``sent``, what was appended to batches, if it differs (one copy per partition of
+        a record for every partition)."""
         self.batches = batches
         self.records = records
+        self._sent = records if sent is None else sent
         self._batch_of: list[_Batch] = []
         self._unsettled = 0
         self._refusal: BaseException | None = None
@@ -225,7 +254,7 @@ class Handover:
         """The records Kafka has not acknowledged: still pending, or refused."""
         return [
             record
-            for record, batch in zip(self.records, self._batch_of, strict=True)
+            for record, batch in zip(self._sent, self._batch_of, strict=True)
             if not batch.settled or batch.error is not None
         ]
 

@@ -7,6 +7,7 @@ Kafka, topics and logging). Lists (CIDRs) are comma-separated.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,6 +59,17 @@ class GatewaySettings(CommonSettings):
     gateway_spool_segment_bytes: int = Field(default=8 * 1024 * 1024, ge=4 * 1024)
     gateway_spool_drain_batch: int = Field(default=1000, ge=1, le=100_000)
 
+    # Intake gaps (docs/gateway.md, G10). The replica's stable name in markers; empty: the host name (a pod's
+    # name, stable for a StatefulSet replica).
+    gateway_instance: str = Field(default="", max_length=128)
+    # How often the heartbeat file beside the spool is rewritten; 0 turns the heartbeat (and with it the
+    # unclean-stop markers) off.
+    gateway_heartbeat_seconds: float = Field(default=5.0, ge=0, le=300)
+    # Failed answers less than this apart make one gap; a gap is published once this long passes without one.
+    gateway_gap_quiet_seconds: float = Field(default=5.0, gt=0, le=300)
+    # A gap that keeps going is published at least this often (and a new one begins with the next failure).
+    gateway_gap_max_seconds: float = Field(default=60.0, gt=0, le=3600)
+
     gateway_allow_cidrs: Networks = ()
     gateway_trusted_proxies: Networks = ()
 
@@ -105,9 +117,15 @@ class GatewaySettings(CommonSettings):
             raise ValueError(
                 "PRESENCE_GATEWAY_BREAKER_MAX_COOLDOWN_SECONDS is below PRESENCE_GATEWAY_BREAKER_COOLDOWN_SECONDS"
             )
+        if self.gateway_gap_max_seconds < self.gateway_gap_quiet_seconds:
+            raise ValueError("PRESENCE_GATEWAY_GAP_MAX_SECONDS is below PRESENCE_GATEWAY_GAP_QUIET_SECONDS")
         if self.gateway_spool_segment_bytes > self.gateway_spool_max_bytes:
             raise ValueError("PRESENCE_GATEWAY_SPOOL_SEGMENT_BYTES exceeds PRESENCE_GATEWAY_SPOOL_MAX_BYTES")
         return self
+
+    def instance_name(self) -> str:
+        """The name this replica gives itself in intake-gap markers."""
+        return self.gateway_instance.strip() or socket.gethostname() or "gateway"
 
     def secrets(self) -> tuple[str, ...]:
         """The app secrets a signature may be made with: the current one, then the previous one if set."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from core.logs import configure_logging
 from core.topics import KafkaUnreachable, ensure_topics
 from gateway.config import GatewaySettings, get_settings
+from gateway.gaps import GapReporter
 from gateway.intake import Intake
 from gateway.metrics import GatewayMetrics
 from gateway.producer import ProducerFactory, kafka_producer_factory
@@ -77,6 +79,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # First thing: what the previous run left in the heartbeat file (G10), before anything can fail.
+        gaps = GapReporter(settings, metrics)
+        await asyncio.to_thread(gaps.recover)
         spool = None
         if settings.gateway_spool_enabled:
             spool = Spool(
@@ -98,11 +103,12 @@ def create_app(
             window_ms=window_ms, max_entries=settings.gateway_replay_cache_max_entries, clock_ms=wall_ms
         )
         metrics.replay_cache_entries.set_function(lambda: len(guard))
-        gateway = Gateway(settings, metrics, publisher, Intake(settings, guard))
+        gateway = Gateway(settings, metrics, publisher, Intake(settings, guard), gaps)
         app.state.gateway = gateway
         if not settings.secrets():
             log.warning("PRESENCE_APP_SECRET is empty: every callback will be refused")
         await publisher.start()
+        gaps.start(publisher)
         # Everything allocated by start-up (FastAPI, pydantic, aiokafka) lives as long as the process: keep it
         # out of the cyclic collector's full passes, which would otherwise walk it all and stall requests.
         gc.freeze()
@@ -114,20 +120,24 @@ def create_app(
                 "topic_raw": settings.topic_raw,
                 "topic_dlq": settings.topic_dlq,
                 "spool": str(settings.gateway_spool_dir) if spool else None,
+                "instance": gaps.gateway,
             },
         )
         try:
             yield
         finally:
             gateway.begin_shutdown()
+            # Markers still owed go out (or into the spool) before the drain, which then takes them along.
+            await gaps.stop()
             await publisher.stop(drain_seconds=settings.gateway_shutdown_drain_seconds)
+            await asyncio.to_thread(gaps.stopped)
             log.info("gateway stopped")
 
     app = FastAPI(
         title="RongCloud presence gateway",
         description=(
             "Receives RongCloud's signed online-status callbacks and publishes every event to Kafka. "
-            "Rules G1-G9 are described in docs/gateway.md."
+            "Rules G1-G10 are described in docs/gateway.md."
         ),
         version="1",
         lifespan=lifespan,

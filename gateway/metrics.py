@@ -12,6 +12,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from core.contract import GAP_REASONS
 from gateway.parsing import DeadLetterReason
 from gateway.signing import AuthFailure
 
@@ -161,6 +162,12 @@ class GatewayMetrics:
             registry=r,
         )
         self.ready = Gauge(f"{PREFIX}_ready", "1 while the gateway can accept callbacks.", registry=r)
+        self.gap_markers = Counter(
+            f"{PREFIX}_intake_gap_markers_total",
+            "Intake-gap markers handed to Kafka or the spool (each goes to every RAW partition), by reason.",
+            ["reason"],
+            registry=r,
+        )
         # Every series exists from the start, so rate() and absent() work before the first occurrence. The request
         # path's are bound once here: labels() takes a lock and a lookup on every call.
         self.by_outcome = {
@@ -185,6 +192,9 @@ class GatewayMetrics:
             (source, kind): self.publish_failures.labels(source, kind)
             for source in PUBLISH_SOURCES
             for kind in PUBLISH_FAILURE_KINDS
+        }
+        self.gap_markers_by_reason: dict[str, Counter] = {
+            reason: self.gap_markers.labels(reason) for reason in GAP_REASONS
         }
         for result in ("started", "failed"):
             self.producer_restarts.labels(result)

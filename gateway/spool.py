@@ -1,7 +1,8 @@
 """The durable local spool (G7): fsync'd, append-only segment files that outlive the process.
 
 A segment is a sequence of frames ``[u32 length][u32 crc32][payload]``; the payload holds one Kafka record
-(topic, key, value). Segments are named ``<sequence>-<created epoch ms>.seg`` so that name order is age order.
+(topic, key, value, and the partition when the record names one: see :class:`SpoolRecord`). Segments are named
+``<sequence>-<created epoch ms>.seg`` so that name order is age order.
 An append is durable when :meth:`Spool.append` returns: the bytes are written and fsync'd (and the directory too
 when the segment is new). A crash mid-append leaves a torn last frame, which reading stops at; nobody was told
 those events were accepted.
@@ -19,11 +20,16 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 log = logging.getLogger(__name__)
 
 _FRAME = struct.Struct(">II")
 _HEADER = struct.Struct(">Hi")
+_PARTITION = struct.Struct(">i")
+# Set in the header's topic length when a partition follows the header. Kafka topic names have at most 249
+# characters, so the bit is never part of a length, and frames written before partitions existed read unchanged.
+_HAS_PARTITION = 0x8000
 _SUFFIX = ".seg"
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
@@ -32,29 +38,46 @@ class SpoolFull(Exception):
     """The spool cannot take these records without exceeding its size limit."""
 
 
+# A record's ``partition`` that asks for one copy on every partition of its topic (an intake-gap marker).
+ALL_PARTITIONS: Final = -1
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolRecord:
+    """One Kafka record. ``partition``: None for the partition of the key (Kafka's default partitioner; records
+    without a key take turns), :data:`ALL_PARTITIONS` for one copy on each partition, else that partition."""
+
     topic: str
     key: bytes | None
     value: bytes
+    partition: int | None = None
 
     def encode(self) -> bytes:
         topic = self.topic.encode("utf-8")
         key_length = -1 if self.key is None else len(self.key)
-        payload = _HEADER.pack(len(topic), key_length) + topic + (self.key or b"") + self.value
+        if self.partition is None:
+            header = _HEADER.pack(len(topic), key_length)
+        else:
+            header = _HEADER.pack(len(topic) | _HAS_PARTITION, key_length) + _PARTITION.pack(self.partition)
+        payload = header + topic + (self.key or b"") + self.value
         return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
     @classmethod
     def decode(cls, payload: bytes) -> SpoolRecord:
         topic_length, key_length = _HEADER.unpack_from(payload)
         start = _HEADER.size
+        partition = None
+        if topic_length & _HAS_PARTITION:
+            topic_length &= ~_HAS_PARTITION
+            (partition,) = _PARTITION.unpack_from(payload, start)
+            start += _PARTITION.size
         topic = payload[start : start + topic_length].decode("utf-8")
         start += topic_length
         key = None
         if key_length >= 0:
             key = payload[start : start + key_length]
             start += key_length
-        return cls(topic=topic, key=key, value=payload[start:])
+        return cls(topic=topic, key=key, value=payload[start:], partition=partition)
 
 
 @dataclass(slots=True)

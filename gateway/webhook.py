@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from gateway.config import GatewaySettings
+from gateway.gaps import GapReporter
 from gateway.intake import BODY_NOT_RECEIVED, INTERNAL_ERROR, Accepted, Answer, Intake
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import Publication, Publisher, Unavailable
@@ -39,6 +40,8 @@ class Gateway:
     metrics: GatewayMetrics
     publisher: Publisher
     intake: Intake
+    # Hears every webhook answer, to mark the windows in which callbacks may have been lost (G10).
+    gaps: GapReporter | None = None
     shutting_down: bool = False
 
     def begin_shutdown(self) -> None:
@@ -75,12 +78,15 @@ async def webhook(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     started = time.monotonic()
     try:
-        return await _handle(request, gateway, started)
+        response = await _handle(request, gateway, started)
     except Exception:
         # A bug, never something a client sent (those have answers of their own): logged with its traceback,
         # answered without one, and counted where the 5xx alert looks.
         log.exception("unhandled error in the webhook")
-        return _respond(request, gateway.metrics, INTERNAL_ERROR, started)
+        response = _respond(request, gateway.metrics, INTERNAL_ERROR, started)
+    if gateway.gaps is not None:
+        gateway.gaps.answered(response.status_code, time.monotonic() - started)
+    return response
 
 
 async def _handle(request: Request, gateway: Gateway, started: float) -> Response:

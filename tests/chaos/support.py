@@ -299,6 +299,8 @@ def raw_events(bootstrap: str, topic: str) -> Counter[EventKey]:
         if value is None:
             continue
         event = orjson.loads(value)
+        if "kind" in event:  # an intake-gap marker (a restart after SIGKILL) or an observation: not an event
+            continue
         seen[(event["userid"], event["sessionId"], int(event["status"]), event["time"])] += 1
     return seen
 

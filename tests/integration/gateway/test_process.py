@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,70 +14,8 @@ import orjson
 import pytest
 
 from gateway.config import GatewaySettings
-from presence.localkafka import free_port
 
 from .conftest import SECRET, consume, event, signed_query, wait_until
-
-
-def _env(settings: GatewaySettings, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_")}
-    env.update(
-        {
-            "PRESENCE_ENV": "test",
-            "PRESENCE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-            "PRESENCE_TOPIC_RAW": settings.topic_raw,
-            "PRESENCE_TOPIC_DLQ": settings.topic_dlq,
-            "PRESENCE_TOPIC_TRANSITIONS": settings.topic_transitions,
-            "PRESENCE_TOPIC_STATE": settings.topic_state,
-            "PRESENCE_TOPIC_PARTITIONS": str(settings.topic_partitions),
-            "PRESENCE_APP_KEY": settings.app_key,
-            "PRESENCE_APP_SECRET": settings.app_secret.get_secret_value(),
-            "PRESENCE_GATEWAY_HOST": "127.0.0.1",
-            "PRESENCE_GATEWAY_PORT": str(port),
-            "PRESENCE_GATEWAY_SPOOL_DIR": str(settings.gateway_spool_dir),
-            "PRESENCE_GATEWAY_PUBLISH_BUDGET_SECONDS": "1",
-            "PRESENCE_LOG_LEVEL": "INFO",
-            "PRESENCE_LOG_FORMAT": "json",
-            **extra,
-        }
-    )
-    return env
-
-
-@pytest.fixture
-def gateway_process(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], str, Path]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(settings: GatewaySettings, **extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-        port = free_port()
-        log_path = tmp_path / f"gateway-{port}.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway"],
-            env=_env(settings, port, **extra),
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"gateway exited: {log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("gateway did not come up")
-            time.sleep(0.1)
-        return process, url, log_path
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 async def test_g7_sigterm_drains_the_spool_before_exit_and_g9_logs_hold_no_secrets(
