@@ -16,7 +16,7 @@ Identity. ``ce_id`` starts with ``<userid>:<epoch>:<seq>``, the numbering consum
   record, so the same as the deletion transition it follows; no ``content-type`` nor ``ce_dataschema``, since it
   has no data.
 
-Pure and cheap: the glue builds one tuple per message. Header values are bytes, as Kafka clients want them.
+Pure and cheap: the glue builds one list per message. Header values are bytes, as Kafka clients want them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Final
 
 from streams.rules import Transition, UserRecord
 
-#: ``(name, value)`` pairs in the order they are sent.
-Headers = tuple[tuple[str, bytes], ...]
+#: ``(name, value)`` pairs in the order they are sent. A list: aiokafka's record builder takes nothing else.
+Headers = list[tuple[str, bytes]]
 
 SPEC_VERSION: Final = "1.0"
 CONTENT_TYPE: Final = "application/json"
@@ -65,7 +65,7 @@ def rfc3339(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
-def _common(source: str, id_: str, type_: bytes, time_ms: int) -> list[tuple[str, bytes]]:
+def _common(source: str, id_: str, type_: bytes, time_ms: int) -> Headers:
     return [
         ("ce_specversion", _SPEC),
         ("ce_id", id_.encode()),
@@ -86,7 +86,7 @@ def transition_headers(source: str, transition: Transition) -> Headers:
         ("ce_schemaversion", _RELEASE),
         ("content-type", _JSON),
     ]
-    return tuple(headers)
+    return headers
 
 
 def state_time(record: UserRecord) -> int:
@@ -101,11 +101,11 @@ def state_headers(source: str, record: UserRecord, value: bytes) -> Headers:
     id_ = f"{event_id(record.userid, record.epoch, record.seq)}:{digest}"
     headers = _common(source, id_, _STATE, state_time(record))
     headers += [("ce_dataschema", _STATE_SCHEMA), ("ce_schemaversion", _RELEASE), ("content-type", _JSON)]
-    return tuple(headers)
+    return headers
 
 
 def tombstone_headers(source: str, record: UserRecord, deleted_at: int) -> Headers:
     """A STATE tombstone's headers: ``record`` is the deleted user's final record, ``deleted_at`` the deletion
     transition's ``at``. No data, so no content type nor schema."""
     id_ = f"{event_id(record.userid, record.epoch, record.seq)}:{DELETED}"
-    return tuple(_common(source, id_, _STATE, deleted_at))
+    return _common(source, id_, _STATE, deleted_at)

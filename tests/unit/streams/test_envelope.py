@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -19,11 +20,11 @@ T = 1_700_000_000_000
 
 def transition(userid: str = "u:1", epoch: int = BIG, seq: int = 3, at: int = T) -> Transition:
     return Transition(
-        userid, "offline", "online", at, Cause("s", "login", "iOS", None), ("mobile",), 1, epoch, seq
+        userid, "offline", "online", at, Cause("s", "online", "iOS", None), ("mobile",), 1, epoch, seq
     )
 
 
-def record(**changes: object) -> UserRecord:
+def record(**changes: Any) -> UserRecord:
     base = UserRecord(
         "u:1", {"s": SessionState("online", T, "iOS", None, T)}, BIG, 0, T, None, False, "online", None, ()
     )
