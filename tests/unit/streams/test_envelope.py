@@ -152,3 +152,17 @@ def test_the_processor_puts_headers_consistent_with_each_value_on_every_message(
         else:
             assert headers["ce_id"].startswith(f"u:{value['epoch']}:{value['seq']}:".encode())
             assert headers["ce_time"] == envelope.rfc3339(value["last_seen"]).encode()
+
+
+def test_the_kafka_client_takes_the_headers_as_built() -> None:
+    """aiokafka's C record builder takes headers as a list only (a tuple fails at send time, in the worker)."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    builder = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 1 << 20)
+    for headers in (
+        envelope.transition_headers("w", transition()),
+        envelope.state_headers("w", record(), b"{}"),
+        envelope.tombstone_headers("w", record(), T),
+    ):
+        assert DefaultRecordBatchBuilder.estimate_size_in_bytes(b"u", b"{}", headers) > 0
+        assert builder.append(0, timestamp=T, key=b"u", value=b"{}", headers=headers) is not None
