@@ -51,7 +51,7 @@ import orjson
 
 from core import contract
 from core.contract import MAX_USERID_LENGTH
-from streams import rules
+from streams import envelope, rules
 from streams.metrics import WorkerMetrics, platform_label
 from streams.reconcile import AgePolicy, CheckSink, gap_rank
 from streams.rules import PresenceConfig, Transition, UserRecord
@@ -64,11 +64,13 @@ _HEAP_SLACK = 1000
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One message to send. ``value`` None is a tombstone (STATE only)."""
+    """One message to send. ``value`` None is a tombstone (STATE only). ``headers``: Kafka headers
+    (:mod:`streams.envelope` for TRANSITIONS and STATE)."""
 
     topic: OutTopic
     key: bytes | None
     value: bytes | None
+    headers: envelope.Headers | None = None
 
 
 # The table value is the record plus "o": the newest RAW offset applied to it. A user lives in one partition,
@@ -199,8 +201,11 @@ class Processor:
         records_of_partition: Callable[[int], Iterable[tuple[str, bytes]]],
         metrics: WorkerMetrics | None = None,
         sweep_batch: int = 1000,
+        source: str = contract.DEFAULT_WORKER_APP_ID,
     ) -> None:
-        """``records_of_partition(p)`` lists the table's (key, value) pairs of partition ``p``."""
+        """``records_of_partition(p)`` lists the table's (key, value) pairs of partition ``p``; ``source`` is the
+        messages' ``ce_source`` (the worker's app id)."""
+        self._source = source
         self._table = table
         self._config = config
         self._records_of_partition = records_of_partition
@@ -289,7 +294,7 @@ class Processor:
         if result.outcome == "too_late" and self._checks is not None:
             # R5: too old to judge; RongCloud's answer after the event's receipt settles the user's status.
             self._checks.offer(userid, "suspect", fresh_after=event.received_at)
-        self._emit(out, userid, None if deleted else new, result.transitions, result.reemitted,
+        self._emit(out, userid, new, result.transitions, result.reemitted,
                    result.publish_state, now_ms, event.received_at, tombstone=deleted)  # fmt: skip
         out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
         return out
@@ -308,7 +313,7 @@ class Processor:
             result = rules.redelivered(old, observation)
             self._write(partition, userid, stored.live, old, stored.applied, stored.deleted_by)
             deleted = stored.deleted_by is not None
-            self._emit(out, userid, None if deleted else old, result.transitions, result.reemitted,
+            self._emit(out, userid, old, result.transitions, result.reemitted,
                        result.publish_state, now_ms, None, tombstone=deleted)  # fmt: skip
             return
         new, result = rules.apply_observation(stored.live, observation, stream_time, self._config)
@@ -514,9 +519,7 @@ class Processor:
             return
         deleted = stored.deleted_by is not None
         lost = rules.remembered(record)[start:]
-        self._emit(
-            out, userid, None if deleted else record, lost, True, True, now_ms, None, tombstone=deleted
-        )
+        self._emit(out, userid, record, lost, True, True, now_ms, None, tombstone=deleted)
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -576,13 +579,16 @@ class Processor:
         received_at: int | None,
         tombstone: bool = False,
     ) -> None:
-        """Queue ``transitions``, then the user's STATE: ``record`` if ``publish_state``, or a tombstone."""
+        """Queue ``transitions``, then the user's STATE: ``record`` if ``publish_state``, or a tombstone
+        (``record`` is then the deleted user's final record)."""
         key = userid.encode()
         include_ip = self._config.include_client_ip
+        source = self._source
         for transition in transitions:
             payload = transition.to_payload(include_ip)
             payload["emitted_at"] = now_ms
-            out.append(Outgoing("transitions", key, orjson.dumps(payload)))
+            headers = envelope.transition_headers(source, transition)
+            out.append(Outgoing("transitions", key, orjson.dumps(payload), headers))
             if self._metrics:
                 self._metrics.transitions.labels(transition.from_status, transition.to_status).inc()
                 if received_at:
@@ -590,9 +596,16 @@ class Processor:
         if reemitted and self._metrics:
             self._metrics.reemitted.inc()
         if tombstone:
-            out.append(Outgoing("state", key, None))
+            # The final record's last transition is its deletion (S6): the tombstone is dated by it.
+            marks = None
+            if record is not None:
+                final = record.memory[-1:]
+                deleted_at = final[0].at if final else envelope.state_time(record)
+                marks = envelope.tombstone_headers(source, record, deleted_at)
+            out.append(Outgoing("state", key, None, marks))
         elif publish_state and record is not None:
-            out.append(Outgoing("state", key, orjson.dumps(rules.state_payload(record, include_ip))))
+            value = orjson.dumps(rules.state_payload(record, include_ip))
+            out.append(Outgoing("state", key, value, envelope.state_headers(source, record, value)))
         else:
             return
         if self._metrics:
@@ -641,7 +654,7 @@ class Processor:
                 # The final record stays as a marker until its deletion is known to have reached Kafka (S10).
                 self._write(partition, userid, record, new, stored.applied, source)
                 self._markers[partition].append((userid, source))
-                self._emit(out, userid, None, result.transitions, False, False, now_ms, None, tombstone=True)
+                self._emit(out, userid, new, result.transitions, False, False, now_ms, None, tombstone=True)
                 if self._metrics:
                     self._metrics.users_deleted.inc()
                 markers = self._markers[partition]

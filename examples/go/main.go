@@ -75,6 +75,8 @@ type Stats struct {
 	Gaps            int `json:"gaps"`
 	Repairs         int `json:"repairs"`
 	RepairFailures  int `json:"repair_failures"`
+	IDsChecked      int `json:"ids_checked"`
+	IDMismatches    int `json:"id_mismatches"`
 }
 
 // Presence is the consumer's state: the users' map and the epochs of records it saw deleted.
@@ -90,9 +92,30 @@ func NewPresence() *Presence {
 	return &Presence{Users: map[string]Entry{}, closed: map[string]int64{}}
 }
 
+// ceID is a message's CloudEvents id header (docs/consuming.md, "Headers"); "" if it has none.
+func ceID(headers []kgo.RecordHeader) string {
+	for _, h := range headers {
+		if h.Key == "ce_id" {
+			return string(h.Value)
+		}
+	}
+	return ""
+}
+
+// CheckID counts a ce_id that does not name what the value says: TRANSITIONS "<userid>:<epoch>:<seq>" exactly,
+// a STATE value that followed by ":<digest>", a STATE tombstone "<userid>:<epoch>:<seq>:deleted".
+func (p *Presence) CheckID(id string, ok bool) {
+	p.Stats.IDsChecked++
+	if !ok {
+		p.Stats.IDMismatches++
+		log.Printf("ce_id %q does not match its message", id)
+	}
+}
+
 // ApplyState takes one STATE record during the bootstrap; value nil is a tombstone.
-func (p *Presence) ApplyState(key string, value []byte) error {
+func (p *Presence) ApplyState(key string, value []byte, id string) error {
 	if value == nil {
+		p.CheckID(id, strings.HasPrefix(id, key+":") && strings.HasSuffix(id, ":deleted"))
 		if cur, ok := p.Users[key]; ok {
 			p.closed[key] = cur.Epoch
 		}
@@ -104,6 +127,7 @@ func (p *Presence) ApplyState(key string, value []byte) error {
 	if err := json.Unmarshal(value, &r); err != nil {
 		return fmt.Errorf("STATE record for %q: %w", key, err)
 	}
+	p.CheckID(id, strings.HasPrefix(id, fmt.Sprintf("%s:%d:%d:", key, r.Epoch, r.Seq)))
 	p.Users[key] = Entry{r.Status, r.Epoch, r.Seq}
 	delete(p.closed, key)
 	p.Stats.StateRecords++
@@ -328,6 +352,7 @@ func run(ctx context.Context, o options) error {
 			if err := json.Unmarshal(r.Value, &t); err != nil {
 				log.Printf("skipping an undecodable transition at %d@%d: %v", r.Partition, r.Offset, err)
 			} else {
+				p.CheckID(ceID(r.Headers), ceID(r.Headers) == fmt.Sprintf("%s:%d:%d", t.UserID, t.Epoch, t.Seq))
 				p.ApplyTransition(t)
 			}
 			positions[r.Partition] = r.Offset + 1
@@ -407,7 +432,7 @@ func (s *stateReader) readTo(ctx context.Context, ends map[int32]int64, p *Prese
 		}
 		var applyErr error
 		fetches.EachRecord(func(r *kgo.Record) {
-			if err := p.ApplyState(string(r.Key), r.Value); err != nil && applyErr == nil {
+			if err := p.ApplyState(string(r.Key), r.Value, ceID(r.Headers)); err != nil && applyErr == nil {
 				applyErr = err
 			}
 			// The active segment is never compacted, so the record at end-1 is always there to be read.

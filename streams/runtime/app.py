@@ -131,8 +131,9 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     gate = fixes.install(app.producer)
     table = UsersTable(create_users_table(app, settings), gate)
     processor = Processor(
-        table, settings.presence_config(), table.records, metrics, settings.worker_sweep_batch
-    )
+        table, settings.presence_config(), table.records, metrics, settings.worker_sweep_batch,
+        source=settings.worker_app_id,
+    )  # fmt: skip
     worker = Worker(app, settings, metrics, processor, table, gate, Progress(metrics))
     _add_agent(worker)
     _add_rebalance_handlers(worker)
@@ -162,7 +163,10 @@ def _add_agent(worker: Worker) -> None:
         client = internals.kafka_client(app.producer)
         await table.flush_changelog(client)
         for message in outgoing:
-            worker.gate.hold(await client.send(out_topics[message.topic], message.value, key=message.key))
+            sent = await client.send(
+                out_topics[message.topic], message.value, key=message.key, headers=message.headers
+            )
+            worker.gate.hold(sent)
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:

@@ -350,6 +350,11 @@ def test_reference_consumers_match_the_query_api_with_no_gap(
         assert stats["state_records"] > 0, f"{name}: the bootstrap read nothing: {stats}"
         # No gap: every transition followed the one before it (dedupe by (epoch, seq), docs/consuming.md).
         assert stats["gaps"] == 0, f"{name}: gaps {dump['gaps'][:10]}"
+        # Every STATE record, tombstone and transition read from the broker carries a ce_id header naming what its
+        # value says (streams/envelope.py; docs/consuming.md, "Headers").
+        read = stats["state_records"] + stats["state_tombstones"] + stats["applied"]
+        assert stats["ids_checked"] >= read, f"{name}: {stats}"
+        assert stats["id_mismatches"] == 0, f"{name}: {stats}"
         others, _ = compare(dump, run.api)
         assert not others, f"{name}: {len(others)} users differ from the query API, e.g.\n" + "\n".join(
             others[:10]
@@ -379,5 +384,7 @@ def test_consumer_dump_shape_is_documented() -> None:
         "repeats",
         "new_epochs",
         "deletions",
+        "ids_checked",
+        "id_mismatches",
     ):
         assert re.search(rf"`{field}`", readme), f"examples/README.md does not describe `{field}`"

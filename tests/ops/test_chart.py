@@ -865,6 +865,43 @@ def test_strimzi_topics_follow_the_topic_overrides_of_extra_config(helm: Path) -
     assert by_name[settings.topic_raw]["config"]["min.insync.replicas"] == "1"
 
 
+def test_state_compaction_values_reach_the_services_and_the_strimzi_topic(helm: Path) -> None:
+    """topics.stateCompaction.* are PRESENCE_TOPIC_STATE_* for the services (which create the topic with them) and
+    the Strimzi KafkaTopic's configs; the defaults are the settings' own (docs/consuming.md)."""
+    from core.settings import CommonSettings
+    from core.topics import product_topics
+
+    def state_topic(values: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        manifests = render(helm, values={**MINIMAL, "strimzi.cluster": "main", "strimzi.topics.enabled": "true",
+                                         **values})  # fmt: skip
+        env = _config_maps(manifests)[""]
+        settings = CommonSettings(**{k.removeprefix("PRESENCE_").lower(): v for k, v in env.items()})
+        spec = next(t for t in product_topics(settings) if t.name == settings.topic_state)
+        kafka_topic = next(t for t in find(manifests, "KafkaTopic") if t["spec"]["topicName"] == spec.name)
+        assert kafka_topic["spec"]["config"] == spec.config
+        return env, spec.config
+
+    env, config = state_topic({})
+    defaults = CommonSettings(kafka_bootstrap_servers="k:9092")
+    assert env["PRESENCE_TOPIC_STATE_SEGMENT_MS"] == str(defaults.topic_state_segment_ms)
+    assert env["PRESENCE_TOPIC_STATE_MIN_CLEANABLE_DIRTY_RATIO"] == str(
+        defaults.topic_state_min_cleanable_dirty_ratio
+    )
+    assert env["PRESENCE_TOPIC_STATE_DELETE_RETENTION_MS"] == str(defaults.topic_state_delete_retention_ms)
+    env, config = state_topic({"topics.stateCompaction.segmentMs": "600000",
+                               "topics.stateCompaction.minCleanableDirtyRatio": "0.25",
+                               "topics.stateCompaction.deleteRetentionMs": "172800000"})  # fmt: skip
+    assert (config["segment.ms"], config["min.cleanable.dirty.ratio"], config["delete.retention.ms"]) == (
+        "600000",
+        "0.25",
+        "172800000",
+    )
+    # extraConfig still overrides, without a second key for the same setting.
+    env, config = state_topic({"topics.stateCompaction.segmentMs": "600000",
+                               "extraConfig.topic_state_segment_ms": "900000"})  # fmt: skip
+    assert env["PRESENCE_TOPIC_STATE_SEGMENT_MS"] == "900000" == config["segment.ms"]
+
+
 def _acls(user: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return {
         (acl["resource"]["type"], acl["resource"].get("name", "")): set(acl["operations"])

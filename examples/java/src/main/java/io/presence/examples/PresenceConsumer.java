@@ -29,6 +29,7 @@ import org.apache.kafka.clients.consumer.KafkaConsumer;
 import org.apache.kafka.common.PartitionInfo;
 import org.apache.kafka.common.TopicPartition;
 import org.apache.kafka.common.errors.WakeupException;
+import org.apache.kafka.common.header.Header;
 import org.apache.kafka.common.serialization.ByteArrayDeserializer;
 
 /**
@@ -72,7 +73,7 @@ public final class PresenceConsumer {
       for (String name :
           List.of(
               "state_records", "state_tombstones", "applied", "repeats", "new_epochs", "deletions",
-              "stale_of_deleted", "gaps", "repairs", "repair_failures")) {
+              "stale_of_deleted", "gaps", "repairs", "repair_failures", "ids_checked", "id_mismatches")) {
         stats.put(name, 0);
       }
     }
@@ -81,8 +82,21 @@ public final class PresenceConsumer {
       stats.merge(name, 1, Integer::sum);
     }
 
-    void applyState(String key, byte[] value) throws IOException {
+    /**
+     * Counts a ce_id header (docs/consuming.md, "Headers") that does not name what the value says: TRANSITIONS
+     * "userid:epoch:seq" exactly, a STATE value that followed by ":digest", a tombstone "userid:epoch:seq:deleted".
+     */
+    void checkId(String id, boolean ok) {
+      count("ids_checked");
+      if (!ok) {
+        count("id_mismatches");
+        System.err.println("ce_id " + id + " does not match its message");
+      }
+    }
+
+    void applyState(String key, byte[] value, String id) throws IOException {
       if (value == null) {
+        checkId(id, id.startsWith(key + ":") && id.endsWith(":deleted"));
         Entry cur = users.remove(key);
         if (cur != null) {
           closed.put(key, cur.epoch());
@@ -91,6 +105,7 @@ public final class PresenceConsumer {
         return;
       }
       JsonNode node = JSON.readTree(value);
+      checkId(id, id.startsWith(key + ":" + node.path("epoch").asLong() + ":" + node.path("seq").asLong() + ":"));
       users.put(
           key,
           new Entry(node.path("status").asText(), node.path("epoch").asLong(), node.path("seq").asLong()));
@@ -313,7 +328,10 @@ public final class PresenceConsumer {
         while (!stopping.get()) {
           for (ConsumerRecord<byte[], byte[]> r : follower.poll(Duration.ofMillis(500))) {
             try {
-              presence.applyTransition(Transition.of(JSON.readTree(r.value())));
+              Transition t = Transition.of(JSON.readTree(r.value()));
+              String id = ceId(r);
+              presence.checkId(id, id.equals(t.userid() + ":" + t.epoch() + ":" + t.seq()));
+              presence.applyTransition(t);
             } catch (IOException e) {
               System.err.println("skipping an undecodable transition at " + r.partition() + "@" + r.offset());
             }
@@ -337,6 +355,12 @@ public final class PresenceConsumer {
     }
   }
 
+  /** The message's CloudEvents id header, "" if it has none. */
+  private static String ceId(ConsumerRecord<byte[], byte[]> r) {
+    Header header = r.headers().lastHeader("ce_id");
+    return header == null ? "" : new String(header.value(), StandardCharsets.UTF_8);
+  }
+
   /**
    * Reads STATE until every partition's position has reached {@code ends}: the position, not the last record
    * seen, since compaction removes offsets. Records read past a target are newer truth and applied too.
@@ -347,7 +371,7 @@ public final class PresenceConsumer {
     remaining.removeIf(tp -> state.position(tp) >= ends.get(tp));
     while (!remaining.isEmpty()) {
       for (ConsumerRecord<byte[], byte[]> r : state.poll(Duration.ofMillis(500))) {
-        presence.applyState(new String(r.key(), StandardCharsets.UTF_8), r.value());
+        presence.applyState(new String(r.key(), StandardCharsets.UTF_8), r.value(), ceId(r));
       }
       remaining.removeIf(tp -> state.position(tp) >= ends.get(tp));
     }
