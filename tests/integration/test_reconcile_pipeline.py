@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import orjson
 from aiokafka import AIOKafkaProducer
 
-from core.contract import GapMarker, decode_observation, encode_gap_marker, is_observation
+from core.contract import GapMarker, Observation, encode_gap_marker
 from core.topics import ensure_topics
 from presence.children import wait_until
 from presence.emulator import ApiEmulator, CallbackPolicy, CallbackSender, GroundTruth
@@ -28,10 +26,10 @@ from presence.simulate import Target
 from presence.trace import Delivery, Trace, TraceSpec
 from streams.config import WorkerSettings
 from streams.main import worker_topics
-from tests.chaos.support import APP_KEY, SECRET, GatewayProcess, signed_query
+from tests.chaos.support import APP_KEY, SECRET, GatewayProcess, post_events
 from tests.integration.streams.harness import (
     WorkerProcess,
-    read_topic,
+    observations_on_raw,
     reconcile_env,
     records_of,
     transitions_by_user,
@@ -49,6 +47,11 @@ def event(userid: str, session: str, status: str, at: int) -> dict[str, Any]:
     """A webhook event; ``at`` relative to the truth's time 0 (the emulator adds its base)."""
     return {"userid": userid, "sessionId": session, "status": status, "time": at, "os": "iOS",
             "clientIp": "10.1.2.3:4000"}  # fmt: skip
+
+
+def absolute(base_ms: int, *events: dict[str, Any]) -> list[dict[str, Any]]:
+    """Events with times relative to the truth's time 0 as a request body."""
+    return [{**e, "time": base_ms + e["time"]} for e in events]
 
 
 def trace_of(deliveries: Iterable[Delivery]) -> Trace:
@@ -77,13 +80,8 @@ class Pipeline:
             if (found := [(t["from"], t["to"]) for t in ts if t["cause"]["event"] == "reconcile"])
         }
 
-    def observations(self) -> list[Any]:
-        """The observations the worker published to RAW, in RAW order per partition."""
-        return [
-            decode_observation(key, value, f"{p}@{o}")
-            for p, o, key, value in asyncio.run(read_topic(self.bootstrap, self.values["topic_raw"]))
-            if value is not None and is_observation(orjson.loads(value))
-        ]
+    def observations(self) -> list[Observation]:
+        return observations_on_raw(self.bootstrap, self.values["topic_raw"])
 
     def disagreements(self, truth: GroundTruth, base_ms: int, userids: Iterable[str]) -> dict[str, str]:
         """Users whom TRANSITIONS (the last one) or the query API show otherwise than the truth now."""
@@ -246,13 +244,16 @@ async def test_r5_an_online_redelivered_16_minutes_later_opens_nothing_and_makes
         p.api.base_ms = base_ms
 
         original = event("late", "s1", "0", first_on)
-        await asyncio.to_thread(_post, p, "n1", base_ms, original, event("late", "s1", "1", first_off))
-        await asyncio.to_thread(_post, p, "n2", base_ms, event("late", "s2", "0", later_on),
-                                event("late", "s2", "1", later_off))  # fmt: skip
+        await asyncio.to_thread(
+            post_events, p.gateway, "n1", absolute(base_ms, original, event("late", "s1", "1", first_off))
+        )
+        await asyncio.to_thread(post_events, p.gateway, "n2", absolute(base_ms, event("late", "s2", "0", later_on),
+                                event("late", "s2", "1", later_off)))  # fmt: skip
         await asyncio.to_thread(wait_until, lambda: len(p.transitions().get("late", [])) == 4, 30,
                                 "the user's four transitions")  # fmt: skip
         assert p.api.calls == [], "nothing suspect, nobody silent: no check"
-        await asyncio.to_thread(_post, p, "n3", base_ms, original)  # the original online, 16+ minutes on
+        # The original online again, 16+ minutes on (signed anew, as upstream signs every attempt).
+        await asyncio.to_thread(post_events, p.gateway, "n3", absolute(base_ms, original))
 
         def verified() -> bool:
             return "verified_at" in records_of(p.worker.url, ["late"]).get("late", {})
@@ -269,12 +270,3 @@ async def test_r5_an_online_redelivered_16_minutes_later_opens_nothing_and_makes
         assert (await asyncio.to_thread(records_of, p.worker.url, ["late"]))["late"]["status"] == "offline"
         shown = [(t["from"], t["to"]) for t in (await asyncio.to_thread(p.transitions))["late"]]
         assert shown == [("offline", "online"), ("online", "offline")] * 2, "the late online sent nothing"
-
-
-def _post(p: Pipeline, nonce: str, base_ms: int, *events: dict[str, Any]) -> None:
-    """One signed webhook request to the gateway (signed now, as upstream signs every attempt: a re-delivery is a
-    new request with the old body), event times relative to ``base_ms``."""
-    body = [{**e, "time": base_ms + e["time"]} for e in events]
-    response = httpx.post(f"{p.gateway.webhook}?{signed_query(nonce)}", content=orjson.dumps(body),
-                          headers={"content-type": "application/json"}, timeout=10)  # fmt: skip
-    assert response.status_code == 200, response.text

@@ -19,6 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
 
+from core.contract import Observation, decode_observation, is_observation
 from presence.children import wait_until
 from presence.localkafka import free_port
 from streams.processor import Outgoing, Processor
@@ -155,6 +156,15 @@ def records_of(worker_url: str, userids: Iterable[str]) -> dict[str, dict[str, A
                           timeout=10)  # fmt: skip
     response.raise_for_status()
     return {userid: record for userid, record in response.json()["records"].items() if record is not None}
+
+
+def observations_on_raw(bootstrap: str, topic: str) -> list[Observation]:
+    """The observations (R1) on RAW now, in partition and offset order."""
+    return [
+        decode_observation(key, value, f"{partition}@{offset}")
+        for partition, offset, key, value in asyncio.run(read_topic(bootstrap, topic))
+        if value is not None and is_observation(orjson.loads(value))
+    ]
 
 
 # --- traffic ------------------------------------------------------------------------------------------------
