@@ -124,8 +124,10 @@ async def test_spools_drained_in_the_wrong_order_leave_no_permanent_ghost(
             ("online", "offline", "s2"),
         ]
     finally:
-        await asyncio.to_thread(kafka_broker.start)
-        await asyncio.gather(
-            asyncio.to_thread(worker.stop), asyncio.to_thread(a.stop), asyncio.to_thread(b.stop)
-        )
-        await api.stop()
+        try:
+            await asyncio.to_thread(kafka_broker.start)  # a no-op unless the test failed while it was down
+        finally:
+            await asyncio.gather(
+                asyncio.to_thread(worker.stop), asyncio.to_thread(a.stop), asyncio.to_thread(b.stop)
+            )
+            await api.stop()

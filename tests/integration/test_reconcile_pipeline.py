@@ -162,8 +162,9 @@ async def test_callbacks_lost_on_purpose_leave_ghosts_that_reconciliation_clears
         if userid in left + missed:
             delivered.append(Delivery(300, f"off-{n}", (offline,)))
     async with pipeline(settings_for, unique, tmp_path, truth, max_silence=max_silence, recheck_interval=10.0,
-                        margin=1.0) as p:  # fmt: skip
-        base_ms = now_ms()
+                        margin=1.0, gap_lookback=300.0) as p:  # fmt: skip
+        # The truth's time 0, a whole second: the sender's base (seconds, a float) is then exactly base_ms.
+        base_ms = (now_ms() // 1000 + 1) * 1000
         p.api.base_ms = base_ms
         target = Target(p.gateway.webhook, APP_KEY, SECRET)
         stats = await CallbackSender(trace_of(delivered), target).run(base_ms / 1000)
