@@ -178,7 +178,8 @@ async def test_callbacks_lost_on_purpose_leave_ghosts_that_reconciliation_clears
         assert min(t for t, _, _ in p.api.calls) >= base_ms / 1000 + max_silence
 
         # Ghost offline: the gateway dies (SIGKILL); upstream's three attempts at each new online fail and it
-        # drops them. The gateway's start after the unclean stop marks the gap on RAW.
+        # drops them. Started again, the gateway is owed a marker of the gap (unclean stop: from its last
+        # heartbeat to its start); the gateway does not send markers yet, so the test sends the one it would.
         p.gateway.kill()
         gap_start = now_ms()
         dropped: list[Delivery] = []
