@@ -160,6 +160,14 @@ class GatewayProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def post_events(gateway: GatewayProcess, nonce: str, events: list[dict[str, Any]]) -> None:
+    """One webhook request, signed now (upstream signs every attempt, a re-delivery included); must answer 200."""
+    response = httpx.post(f"{gateway.webhook}?{signed_query(nonce)}", content=orjson.dumps(events),
+                          headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert response.json() == {"accepted": len(events), "rejected": 0}, response.text
+
+
 @dataclass
 class Ledger:
     """What the load generator sent and what the gateway acknowledged (HTTP 200)."""

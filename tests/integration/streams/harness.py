@@ -19,6 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from jsonschema import Draft202012Validator
 
+from core.contract import Observation, decode_observation, is_observation
 from presence.children import wait_until
 from presence.localkafka import free_port
 from streams.processor import Outgoing, Processor
@@ -115,6 +116,55 @@ def worker_env(settings: dict[str, Any], app_id: str, **extra: str) -> dict[str,
     )
     env.update(extra)
     return env
+
+
+def reconcile_env(
+    api_url: str,
+    app_key: str,
+    secret: str,
+    *,
+    max_silence: float = 3600.0,
+    recheck_interval: float = 3600.0,
+    margin: float = 1.0,
+    budget: float = 20.0,
+    gap_lookback: float = 60.0,
+) -> dict[str, str]:
+    """A worker's reconciliation settings against an API emulator at ``api_url``, with test-sized timings
+    (seconds); the defaults leave silence alone, so only suspects, gaps and on-demand checks call the API."""
+    values: dict[str, Any] = {
+        "app_key": app_key, "app_secret": secret, "reconcile_enabled": "true", "reconcile_api_urls": api_url,
+        "reconcile_budget_per_second": budget, "reconcile_max_silence_seconds": max_silence,
+        "reconcile_recheck_interval_seconds": recheck_interval, "reconcile_margin_seconds": margin,
+        "reconcile_gap_lookback_seconds": gap_lookback, "reconcile_timeout_seconds": 2.0,
+        "reconcile_backoff_seconds": 0.2,
+    }  # fmt: skip
+    return {f"PRESENCE_{key.upper()}": str(value) for key, value in values.items()}
+
+
+def transitions_by_user(bootstrap: str, topic: str) -> dict[str, list[dict[str, Any]]]:
+    """Every user's transitions on TRANSITIONS now, in the order a consumer reads them."""
+    by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for _, _, key, value in asyncio.run(read_topic(bootstrap, topic)):
+        if value is not None:
+            by_user[key.decode()].append(orjson.loads(value))
+    return dict(by_user)
+
+
+def records_of(worker_url: str, userids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """What the query API (Q2) answers for ``userids``; users it does not know are left out."""
+    response = httpx.post(f"{worker_url}/presence:batch", content=orjson.dumps({"userids": list(userids)}),
+                          timeout=10)  # fmt: skip
+    response.raise_for_status()
+    return {userid: record for userid, record in response.json()["records"].items() if record is not None}
+
+
+def observations_on_raw(bootstrap: str, topic: str) -> list[Observation]:
+    """The observations (R1) on RAW now, in partition and offset order."""
+    return [
+        decode_observation(key, value, f"{partition}@{offset}")
+        for partition, offset, key, value in asyncio.run(read_topic(bootstrap, topic))
+        if value is not None and is_observation(orjson.loads(value))
+    ]
 
 
 # --- traffic ------------------------------------------------------------------------------------------------
