@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
-from core.contract import GapMarker, Observation, encode_gap_marker
+from core.contract import GapMarker, Observation, decode_raw_record
 from core.topics import ensure_topics
 from presence.children import wait_until
 from presence.emulator import ApiEmulator, CallbackPolicy, CallbackSender, GroundTruth
@@ -30,6 +28,7 @@ from tests.chaos.support import APP_KEY, SECRET, GatewayProcess, post_events
 from tests.integration.streams.harness import (
     WorkerProcess,
     observations_on_raw,
+    read_topic,
     reconcile_env,
     records_of,
     transitions_by_user,
@@ -83,6 +82,17 @@ class Pipeline:
     def observations(self) -> list[Observation]:
         return observations_on_raw(self.bootstrap, self.values["topic_raw"])
 
+    def gap_markers(self) -> list[tuple[int, GapMarker]]:
+        """The intake-gap markers on RAW now: (partition, marker)."""
+        return [
+            (partition, marker)
+            for partition, offset, key, value in asyncio.run(
+                read_topic(self.bootstrap, self.values["topic_raw"])
+            )
+            if value is not None
+            and isinstance(marker := decode_raw_record(key, value, f"{partition}@{offset}"), GapMarker)
+        ]
+
     def disagreements(self, truth: GroundTruth, base_ms: int, userids: Iterable[str]) -> dict[str, str]:
         """Users whom TRANSITIONS (the last one) or the query API show otherwise than the truth now."""
         at = now_ms() - base_ms
@@ -127,20 +137,6 @@ async def pipeline(
         await api.stop()
 
 
-async def publish_gap_marker(p: Pipeline, marker: GapMarker) -> None:
-    """An intake-gap marker on every RAW partition, as the gateway's contract says it sends one (the gateway
-    does not publish markers itself yet)."""
-    producer = AIOKafkaProducer(bootstrap_servers=p.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for partition in range(p.values["topic_partitions"]):
-            await producer.send_and_wait(
-                p.values["topic_raw"], encode_gap_marker(marker), partition=partition
-            )
-    finally:
-        await producer.stop()
-
-
 async def test_callbacks_lost_on_purpose_leave_ghosts_that_reconciliation_clears(
     settings_for: Callable[..., dict[str, Any]], unique: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -178,8 +174,8 @@ async def test_callbacks_lost_on_purpose_leave_ghosts_that_reconciliation_clears
         assert min(t for t, _, _ in p.api.calls) >= base_ms / 1000 + max_silence
 
         # Ghost offline: the gateway dies (SIGKILL); upstream's three attempts at each new online fail and it
-        # drops them. Started again, the gateway is owed a marker of the gap (unclean stop: from its last
-        # heartbeat to its start); the gateway does not send markers yet, so the test sends the one it would.
+        # drops them. Started again, the gateway finds its heartbeat file without a clean-stop mark and publishes
+        # an intake-gap marker (unclean stop: from its last heartbeat to its start, G10) to every RAW partition.
         p.gateway.kill()
         gap_start = now_ms()
         dropped: list[Delivery] = []
@@ -192,8 +188,9 @@ async def test_callbacks_lost_on_purpose_leave_ghosts_that_reconciliation_clears
         ).run(base_ms / 1000)
         assert (stats.dropped, stats.delivered) == (len(missed), 0)
         await asyncio.to_thread(p.gateway.start)
-        await publish_gap_marker(p, GapMarker(f"test-gateway:{gap_start}", "test-gateway", "unclean_stop",
-                                              gap_start, now_ms()))  # fmt: skip
+        markers = await asyncio.to_thread(p.gap_markers)
+        assert sorted(partition for partition, _ in markers) == list(range(p.values["topic_partitions"]))
+        assert {(m.reason, m.start <= gap_start) for _, m in markers} == {("unclean_stop", True)}
 
         def settled() -> bool:
             return not p.disagreements(truth, base_ms, users)
