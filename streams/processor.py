@@ -18,7 +18,7 @@ partition's stream time is also written under a reserved key.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -102,6 +102,42 @@ def dead_letter(reason: str, detail: str, key: bytes | None, value: bytes | None
     return Outgoing("dlq", key, orjson.dumps(letter))
 
 
+#: (offset, key, value) of one RAW record.
+RawRecord = tuple[int, bytes | None, bytes | None]
+
+#: The most transitions one RAW record can send for one user: its event's own (a release of a held transition
+#: and a status change), the user's sweep in the same step (a release) and one more for rules yet to come. The
+#: property tests check that no record sends more.
+MAX_TRANSITIONS_PER_RECORD = 4
+
+
+class TransitionTally:
+    """Transitions sent per user since every output was last acknowledged (S10 with batches).
+
+    A redelivered record re-sends its transitions from the record's memory, which holds the last
+    ``transition_memory`` of them; a transition not yet acknowledged must still be there. So between two moments
+    when every output is acknowledged, no user may be sent more transitions than the memory holds.
+    """
+
+    __slots__ = ("counts", "top")
+
+    def __init__(self) -> None:
+        self.counts: dict[bytes | None, int] = {}
+        self.top = 0
+
+    def count(self, outgoing: Iterable[Outgoing]) -> None:
+        counts = self.counts
+        for message in outgoing:
+            if message.topic == "transitions":
+                n = counts[message.key] = counts.get(message.key, 0) + 1
+                if n > self.top:
+                    self.top = n
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.top = 0
+
+
 class Processor:
     """Applies RAW events and sweeps to a table; one instance per worker, all partitions."""
 
@@ -174,6 +210,34 @@ class Processor:
                    event.received_at)  # fmt: skip
         out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
         return out
+
+    def on_batch(
+        self,
+        partition: int,
+        records: Sequence[RawRecord],
+        now_ms: int,
+        tally: TransitionTally | None = None,
+    ) -> tuple[list[Outgoing], int]:
+        """Process RAW ``records`` of ``partition`` in order, as :meth:`on_raw` one by one would; return what to
+        send, in order, and how many records were processed.
+
+        With a ``tally`` (transitions sent per user since every output was last acknowledged) it stops before a
+        record that could take one user past ``transition_memory`` (S10): the caller sends what it has, waits
+        for the acknowledgements, clears the tally and calls again with the rest. At least one record is
+        processed whenever the tally is empty.
+        """
+        out: list[Outgoing] = []
+        limit = self._config.transition_memory - MAX_TRANSITIONS_PER_RECORD
+        done = 0
+        for offset, key, value in records:
+            if tally is not None and limit >= 0 and tally.top > limit:
+                break
+            produced = self.on_raw(partition, offset, key, value, now_ms)
+            if tally is not None:
+                tally.count(produced)
+            out.extend(produced)
+            done += 1
+        return out, done
 
     def on_tick(self, partition: int, offset: int, now_ms: int) -> list[Outgoing]:
         """A periodic tick for ``partition``: releases S8 holds on a partition with no events for G of wall time.

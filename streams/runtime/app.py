@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 
+from core.contract import partition_of
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
-from streams.processor import Outgoing, Processor
-from streams.runtime import fixes, internals, versions
+from streams.processor import Outgoing, Processor, TransitionTally
+from streams.runtime import delivery, fixes, internals, versions
+from streams.runtime.delivery import BatchMessage
 from streams.runtime.fixes import CommitGate
 from streams.runtime.progress import Progress
-from streams.runtime.table import UsersTable, create_users_table
+from streams.runtime.table import UsersTable, create_users_table, send_batches
 from streams.runtime.views import register_views
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,8 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     metrics = metrics or WorkerMetrics()
     app = new_faust_app(settings)
     gate = fixes.install(app.producer)
+    # RAW and ticks reach the agent as one message per fetched topic-partition batch.
+    delivery.install(app.consumer, (settings.topic_raw, settings.ticks_topic))
     table = UsersTable(create_users_table(app, settings), gate)
     processor = Processor(
         table, settings.presence_config(), table.records, metrics, settings.worker_sweep_batch
@@ -127,49 +131,134 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
 
 
 def _add_agent(worker: Worker) -> None:
-    app, settings, processor, table = worker.app, worker.settings, worker.processor, worker.table
+    app, settings, processor, table, gate = (
+        worker.app,
+        worker.settings,
+        worker.processor,
+        worker.table,
+        worker.gate,
+    )
     source = app.topic(
         settings.topic_raw, settings.ticks_topic, key_serializer="raw", value_serializer="raw", internal=False
     )
-    out_topics = {
-        "transitions": settings.topic_replay_transitions or settings.topic_transitions,
-        "state": settings.topic_state,
-        "dlq": settings.topic_dlq,
-    }
+    outputs = Outputs(
+        lambda: internals.kafka_client(app.producer),
+        gate,
+        {
+            "transitions": settings.topic_replay_transitions or settings.topic_transitions,
+            "state": settings.topic_state,
+            "dlq": settings.topic_dlq,
+        },
+    )
+    # Transitions sent per user since every output was last acknowledged (S10, see Processor.on_batch).
+    tally = TransitionTally()
 
     async def send_all(outgoing: list[Outgoing]) -> None:
-        # Straight to the Kafka client: Faust's Topic.send costs several times the client's own send per
-        # message. Each send is held against the next offset commit like the table's changelog writes.
+        # Straight to the Kafka client, in produce batches per (topic, partition): Faust's Topic.send, and even
+        # the client's send(), cost several times an append to a batch. Every batch is held against the next
+        # offset commit (the changelog's too), so a commit never covers an output Kafka has not acknowledged.
         client = internals.kafka_client(app.producer)
         await table.flush_changelog(client)
-        for message in outgoing:
-            worker.gate.hold(await client.send(out_topics[message.topic], message.value, key=message.key))
+        await outputs.send(outgoing)
+
+    async def process_raw(partition: int, records: list[Any], now: int) -> None:
+        pending = [(record.offset, record.key, record.value) for record in records]
+        start = 0
+        while start < len(pending):
+            if not len(gate):
+                tally.clear()  # everything sent so far is acknowledged
+            table.begin_batch(partition)
+            try:
+                outgoing, done = processor.on_batch(partition, pending[start:], now, tally)
+            except Exception:
+                table.abort_batch()
+                # The in-memory stream time and sweep index may be ahead of the table now: rebuild them from it.
+                processor.forget([partition])
+                raise
+            table.end_batch()
+            await send_all(outgoing)
+            start += done
+            if start < len(pending):
+                # Cut (S10): one user would exceed the transition memory before these are acknowledged.
+                await gate.wait()
+                tally.clear()
+                worker.metrics.batch_cuts.inc()
+
+    async def process_ticks(partition: int, records: list[Any], now: int) -> None:
+        table.begin_batch(partition)
+        outgoing: list[Outgoing] = []
+        try:
+            for record in records:
+                outgoing.extend(processor.on_tick(partition, record.offset, now))
+        except Exception:
+            table.abort_batch()
+            processor.forget([partition])
+            raise
+        table.end_batch()
+        await send_all(outgoing)
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:
         async for event in stream.events():
             message = event.message
+            # RAW and ticks arrive as one BatchMessage per fetched topic-partition (streams.runtime.delivery).
+            records = message.records if isinstance(message, BatchMessage) else [message]
             now = _now_ms()
-            table.partition = message.partition
             try:
                 if message.topic == settings.ticks_topic:
-                    outgoing = processor.on_tick(message.partition, message.offset, now)
+                    await process_ticks(message.partition, records, now)
                 else:
-                    outgoing = processor.on_raw(
-                        message.partition, message.offset, message.key, message.value, now
-                    )
+                    await process_raw(message.partition, records, now)
             except Exception:
                 # A bug, not bad input (bad input goes to the DLQ): count it; Faust restarts the agent and the
-                # uncommitted message is processed again.
+                # unacknowledged batch is processed again.
                 worker.metrics.processing_errors.inc()
                 log.exception(
                     "processing failed",
                     extra={"topic": message.topic, "partition": message.partition, "offset": message.offset},
                 )
                 raise
-            await send_all(outgoing)
             if message.topic != settings.ticks_topic:
-                worker.progress.processed(message.partition, message.offset, message.timestamp / 1000)
+                last = records[-1]
+                worker.progress.processed(message.partition, last.offset, last.timestamp / 1000)
+
+
+class Outputs:
+    """TRANSITIONS, STATE and DLQ messages handed to the Kafka client in batches per (topic, partition)."""
+
+    def __init__(self, client: Callable[[], Any], gate: CommitGate, topics: dict[str, str]) -> None:
+        self._client = client
+        self._gate = gate
+        self._topics = topics
+        self._partitions: dict[str, int] = {}
+
+    async def _partition_count(self, client: Any, topic: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            count = self._partitions[topic] = len(await client.partitions_for(topic))
+        return count
+
+    async def send(self, outgoing: list[Outgoing]) -> None:
+        if not outgoing:
+            return
+        client = self._client()
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        where: dict[tuple[str, bytes], int] = {}
+        for message in outgoing:
+            topic = self._topics[message.topic]
+            if message.key is None:
+                # Unkeyed (a dead letter of a keyless record): the client picks the partition.
+                self._gate.hold(await client.send(topic, message.value))
+                continue
+            partition = where.get((topic, message.key))
+            if partition is None:
+                count = await self._partition_count(client, topic)
+                # The partition Kafka's default partitioner gives the key, as the client's send() would.
+                partition = where[(topic, message.key)] = partition_of(message.key, count)
+            groups.setdefault((topic, partition), []).append((message.key, message.value))
+        for (topic, partition), messages in groups.items():
+            for sent, _count in await send_batches(client, topic, partition, messages):
+                self._gate.hold(sent)
 
 
 def _add_rebalance_handlers(worker: Worker) -> None:
