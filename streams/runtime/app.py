@@ -204,20 +204,28 @@ def _add_agent(worker: Worker) -> None:
             # RAW and ticks arrive as one BatchMessage per fetched topic-partition (streams.runtime.delivery).
             records = message.records if isinstance(message, BatchMessage) else [message]
             now = _now_ms()
+            completed = False
             try:
                 if message.topic == settings.ticks_topic:
                     await process_ticks(message.partition, records, now)
                 else:
                     await process_raw(message.partition, records, now)
+                completed = True
             except Exception:
-                # A bug, not bad input (bad input goes to the DLQ): count it; Faust restarts the agent and the
-                # unacknowledged batch is processed again.
+                # A bug, not bad input (bad input goes to the DLQ): count it. Faust restarts the agent; the batch
+                # stays unacknowledged, so commits of its partition stop there until it is delivered again (after
+                # a restart or a rebalance).
                 worker.metrics.processing_errors.inc()
                 log.exception(
                     "processing failed",
                     extra={"topic": message.topic, "partition": message.partition, "offset": message.offset},
                 )
                 raise
+            finally:
+                if not completed and isinstance(message, BatchMessage):
+                    # Cancelled (shutdown) or failed part-way: the stream still acks the batch when it lets go of
+                    # it, which must not make its records committable (see BatchMessage.abandon).
+                    message.abandon()
             if message.topic != settings.ticks_topic:
                 last = records[-1]
                 worker.progress.processed(message.partition, last.offset, last.timestamp / 1000)

@@ -51,7 +51,7 @@ class BatchMessage(ConsumerMessage):
     last record; ``records`` are aiokafka's ``ConsumerRecord`` objects in offset order.
     """
 
-    __slots__ = ("records",)
+    __slots__ = ("records", "abandoned")
 
     def __init__(self, tp: Any, records: list[Any], generation_id: int | None) -> None:
         last = records[-1]
@@ -72,13 +72,24 @@ class BatchMessage(ConsumerMessage):
             generation_id=generation_id,
         )
         self.records = records
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        """Processing stopped part-way (cancelled at shutdown, or failed): acking must not cover the records.
+
+        Faust's stream acks the message it handed out in a ``finally``, also when the agent was cancelled or
+        raised while processing it; for a batch that is a window in which a commit would cover records whose
+        outputs were never sent. An abandoned batch is still released (so ``wait_empty`` does not wait for it)
+        but acks none of its offsets: they are delivered again.
+        """
+        self.abandoned = True
 
     @property
     def offsets(self) -> list[int]:
         return [record.offset for record in self.records]
 
     def on_final_ack(self, consumer: Any) -> bool:
-        return internals.ack_offsets(consumer, self, self.offsets)
+        return internals.ack_offsets(consumer, self, () if self.abandoned else self.offsets)
 
 
 def install(consumer: Any, batched: Iterable[str]) -> None:

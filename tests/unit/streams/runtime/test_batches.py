@@ -1,0 +1,246 @@
+"""A batch of RAW records processed as a batch gives exactly what processing them one by one gives (S1-S10).
+
+The subject is the agent's path minus Kafka: the users table of a real Faust app (RocksDB in a temporary
+directory) with its batch overlay, ``Processor.on_batch`` with the S10 transition tally, one ``WriteBatch`` and
+one changelog record per key written. The reference is ``Processor.on_raw`` record by record over a plain dict.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streams.config import WorkerSettings
+from streams.processor import MAX_TRANSITIONS_PER_RECORD, Outgoing, Processor, TransitionTally
+from streams.runtime.app import Worker, create_app
+
+T0 = 1_700_000_000_000
+MIN = 60_000
+USERS = ["u1", "u2", "u3"]
+PARTITION = 1
+
+
+def raw(userid: str, session: str, status: int, at: int) -> bytes:
+    return orjson.dumps({"schema": 1, "userid": userid, "status": status, "time": at, "sessionId": session,
+                         "os": "iOS", "clientIp": "1.2.3.4:5", "received_at": at, "delivery_id": "d"})  # fmt: skip
+
+
+@st.composite
+def records(draw: st.DrawFn) -> list[tuple[int, bytes | None, bytes | None]]:
+    """RAW records of a few users: sessions opening and ending out of order, duplicates, invalid records, and
+    event times spread far enough for retention sweeps and held offlines to happen inside the run."""
+    out: list[tuple[int, bytes | None, bytes | None]] = []
+    t = T0
+    for offset in range(draw(st.integers(1, 60))):
+        user = draw(st.sampled_from(USERS))
+        t += draw(st.sampled_from([0, 1_000, MIN, 20 * MIN]))
+        kind = draw(st.integers(0, 19))
+        if kind == 0:
+            out.append((offset, user.encode(), b"not json"))
+            continue
+        session = f"s{draw(st.integers(0, 2))}"
+        status = draw(st.sampled_from([0, 1, 2]))
+        at = t - draw(st.sampled_from([0, 0, 30_000, 5 * MIN]))
+        out.append((offset, user.encode(), raw(user, session, status, at)))
+    return out
+
+
+def _config_env() -> dict[str, Any]:
+    # Short windows so that S6 retention and S8 holds act within a generated run; a small memory so cuts happen.
+    return {
+        "worker_offline_grace_seconds": 30,
+        "worker_ended_session_retention_seconds": 600,
+        "worker_user_retention_seconds": 1800,
+        "worker_transition_memory": MAX_TRANSITIONS_PER_RECORD + 1,
+    }
+
+
+class Subject:
+    """One Faust app reused across examples (building one costs most of a second); :meth:`reset` empties it."""
+
+    def __init__(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="batches-"))
+        self.settings = WorkerSettings(
+            kafka_bootstrap_servers="127.0.0.1:9",
+            worker_data_dir=directory / "state",
+            worker_app_id="unit-worker",
+            topic_partitions=4,
+            **_config_env(),
+        )
+        self.worker: Worker = create_app(self.settings)
+
+    def reset(self) -> None:
+        table = self.worker.table
+        table._pending.clear()
+        for key, _ in list(table.records(PARTITION)):
+            table.partition = PARTITION
+            del table[key]
+        table._pending.clear()
+        self.worker.processor.forget_all()
+
+
+_SUBJECT: list[Subject] = []
+
+
+def subject() -> Subject:
+    if not _SUBJECT:
+        _SUBJECT.append(Subject())
+    _SUBJECT[0].reset()
+    return _SUBJECT[0]
+
+
+def in_batches(
+    worker: Worker, batches: list[list[tuple[int, bytes | None, bytes | None]]], now: list[int]
+) -> tuple[list[Outgoing], list[list[tuple[bytes, bytes | None]]], int]:
+    """The agent's loop for RAW batches (streams.runtime.app), sends replaced by collecting; every cut counts as
+    acknowledged at once. Returns the outputs, the changelog records of each written segment, and the cuts."""
+    table, processor, tally = worker.table, worker.processor, TransitionTally()
+    out: list[Outgoing] = []
+    segments: list[list[tuple[bytes, bytes | None]]] = []
+    cuts = 0
+    for batch, batch_now in zip(batches, now, strict=True):
+        start = 0
+        while start < len(batch):
+            table.begin_batch(PARTITION)
+            produced, done = processor.on_batch(PARTITION, batch[start:], batch_now, tally)
+            table.end_batch()
+            segments.append([(key, value) for key, value, _ in table._pending])
+            table._pending.clear()
+            out.extend(produced)
+            start += done
+            assert done > 0 or start == len(batch), "a segment always makes progress"
+            if start < len(batch):
+                cuts += 1
+            tally.clear()  # acknowledged
+    return out, segments, cuts
+
+
+def one_by_one(
+    settings_: WorkerSettings, batches: list[list[tuple[int, bytes | None, bytes | None]]], now: list[int]
+) -> tuple[list[Outgoing], dict[str, Any]]:
+    table: dict[str, Any] = {}
+    processor = Processor(
+        table, settings_.presence_config(), lambda p: list(table.items()) if p == PARTITION else []
+    )
+    out: list[Outgoing] = []
+    for batch, batch_now in zip(batches, now, strict=True):
+        for offset, key, value in batch:
+            out.extend(processor.on_raw(PARTITION, offset, key, value, batch_now))
+    return out, table
+
+
+@st.composite
+def split(draw: st.DrawFn) -> tuple[list[list[tuple[int, bytes | None, bytes | None]]], list[int]]:
+    stream = draw(records())
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=4))))
+    bounds = [0, *[c for c in cuts if c < len(stream)], len(stream)]
+    batches = [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    now = [T0 + 3_600_000 + i for i in range(len(batches))]
+    return batches, now
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split())
+def test_s10_a_batch_gives_what_its_records_one_by_one_give(
+    case: tuple[list[list[tuple[int, bytes | None, bytes | None]]], list[int]],
+) -> None:
+    batches, now = case
+    s = subject()
+    out, segments, _ = in_batches(s.worker, batches, now)
+    expected_out, expected_table = one_by_one(s.settings, batches, now)
+
+    assert out == expected_out
+    assert dict(s.worker.table.records(PARTITION)) == expected_table
+    for segment in segments:
+        keys = [key for key, _ in segment]
+        assert len(keys) == len(set(keys)), "one changelog record per key written in a segment"
+    # Replaying the changelog (what a restore does) ends in the table's state: each key's last value.
+    replayed: dict[str, Any] = {}
+    for segment in segments:
+        for key, value in segment:
+            if value is None:
+                replayed.pop(key.decode(), None)
+            else:
+                replayed[key.decode()] = value
+    assert replayed == expected_table
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split())
+def test_s10_no_user_is_sent_more_transitions_than_its_memory_between_acknowledgements(
+    case: tuple[list[list[tuple[int, bytes | None, bytes | None]]], list[int]],
+) -> None:
+    batches, now = case
+    s = subject()
+    memory = s.settings.worker_transition_memory
+    table, processor, tally = s.worker.table, s.worker.processor, TransitionTally()
+    for batch, batch_now in zip(batches, now, strict=True):
+        start = 0
+        while start < len(batch):
+            table.begin_batch(PARTITION)
+            produced, done = processor.on_batch(PARTITION, batch[start:], batch_now, tally)
+            table.end_batch()
+            table._pending.clear()
+            assert tally.top <= memory
+            # No single record sends more than the bound the cut relies on.
+            start += done
+            if start < len(batch):
+                tally.clear()
+
+
+def test_a_batch_reads_its_own_writes_and_deletes_before_rocksdb(worker: Worker) -> None:
+    table = worker.table
+    table.partition = 2
+    table["kept"] = b"old"
+    table["gone"] = b"old"
+    table._pending.clear()
+
+    table.begin_batch(2)
+    table["kept"] = b"new-1"
+    table["kept"] = b"new-2"
+    del table["gone"]
+    table["added"] = b"a"
+    assert table.get("kept") == b"new-2" and table.get("gone") is None and table["added"] == b"a"
+    assert dict(table.records(2)) == {"kept": b"old", "gone": b"old"}, (
+        "nothing reaches RocksDB before the end"
+    )
+    assert table._pending == []
+
+    assert table.end_batch() == 3
+    assert dict(table.records(2)) == {"kept": b"new-2", "added": b"a"}
+    assert sorted(table._pending) == [(b"added", b"a", 2), (b"gone", None, 2), (b"kept", b"new-2", 2)]
+    # Outside a batch, Faust's own store API sees the batch's writes.
+    assert worker.table._table.data[b"kept"] == b"new-2"
+
+
+def test_an_aborted_batch_writes_nothing(worker: Worker) -> None:
+    table = worker.table
+    table.begin_batch(0)
+    table["u1"] = b"v"
+    table.abort_batch()
+    assert table.get("u1") is None and list(table.records(0)) == [] and table._pending == []
+
+
+@pytest.fixture
+def many_users_batch() -> Iterator[list[tuple[int, bytes | None, bytes | None]]]:
+    yield [(i, b"u1", raw("u1", "s0", 0 if i % 2 == 0 else 1, T0 + i * 1000)) for i in range(40)]
+
+
+def test_s10_a_batch_is_cut_before_one_user_exceeds_the_transition_memory(
+    worker: Worker, many_users_batch: list[tuple[int, bytes | None, bytes | None]]
+) -> None:
+    memory = worker.settings.worker_transition_memory
+    tally = TransitionTally()
+    worker.table.begin_batch(0)
+    out, done = worker.processor.on_batch(0, many_users_batch, T0 + 60 * MIN, tally)
+    worker.table.end_batch()
+    assert 0 < done < len(many_users_batch), "one user's flapping sessions cut the batch"
+    assert tally.top <= memory and tally.top > memory - MAX_TRANSITIONS_PER_RECORD
+    assert sum(1 for o in out if o.topic == "transitions") == tally.top
