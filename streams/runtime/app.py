@@ -114,9 +114,10 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     metrics = metrics or WorkerMetrics()
     app = new_faust_app(settings)
     gate = fixes.install(app.producer)
-    # RAW and ticks reach the agent as one message per fetched topic-partition batch.
-    delivery.install(app.consumer, (settings.topic_raw, settings.ticks_topic))
     table = UsersTable(create_users_table(app, settings), gate)
+    # RAW and ticks reach the agent, and the table's changelog reaches Faust's recovery (restore and standbys),
+    # as one message per fetched topic-partition batch.
+    delivery.install(app.consumer, (settings.topic_raw, settings.ticks_topic, table.changelog))
     processor = Processor(
         table, settings.presence_config(), table.records, metrics, settings.worker_sweep_batch
     )

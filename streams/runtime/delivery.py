@@ -22,8 +22,10 @@ committed offset by whoever owns the partition next) and waits until every messa
 before the partitions go. A crash mid-batch leaves its offsets unacked, so the whole batch is delivered again
 (S10: the same transitions are sent again, identical).
 
-Every other topic (the table's changelog during recovery and for standbys) keeps Faust's per-record path below,
-line for line.
+The table's changelog is batched the same way: Faust's recovery (the restore of active partitions and the
+standby replicas) then takes one event per fetched batch instead of one per record, each with its own
+``wait_for`` on the recovery queue, and :mod:`streams.runtime.table` writes each batch's records to RocksDB at
+once. Every other topic keeps Faust's per-record path below, line for line.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ partition written is the one of the message being processed (``partition``), as 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 from core.contract import USERS_TABLE
@@ -25,6 +25,8 @@ def create_users_table(app: Any, settings: WorkerSettings) -> Any:
         USERS_TABLE,
         default=None,
         partitions=settings.topic_partitions,
+        recovery_buffer_size=CHANGELOG_BUFFER,
+        standby_buffer_size=CHANGELOG_BUFFER,
         key_type=bytes,
         value_type=bytes,
         options={
@@ -42,7 +44,53 @@ def create_users_table(app: Any, settings: WorkerSettings) -> Any:
     users.key_serializer = "raw"
     users.value_serializer = "raw"
     users.changelog_topic = internals.rebuild_changelog_topic(users)
+    _apply_changelog_batches(users)
     return users
+
+
+#: Changelog batches (one per fetched partition batch, see :mod:`streams.runtime.delivery`) Faust's recovery
+#: collects before it applies them; each holds up to a whole fetch of records.
+CHANGELOG_BUFFER = 4
+
+
+def _apply_changelog_batches(users: Any) -> None:
+    """Make ``users`` restore changelog records delivered in batches, one RocksDB write batch per partition.
+
+    With batch delivery of the changelog, Faust's recovery (active restore and standby replicas alike) sees one
+    event per fetched partition batch: it tracks the batch's last offset as read, buffers the event and hands the
+    buffer to ``Table.apply_changelog_batch``, replaced here for this table only to write every record of every
+    batch (a tombstone deletes) and persist each partition's last offset, as Faust's own method does per record.
+    """
+    store = users.data
+    original = users.apply_changelog_batch
+
+    def apply_changelog_batch(events: Iterable[Any]) -> None:
+        plain: list[Any] = []
+        batches: dict[int, Any] = {}
+        offsets: dict[Any, int] = {}
+        for event in events:
+            message = event.message
+            records = getattr(message, "records", None)
+            if records is None:
+                plain.append(event)  # delivered one by one (not expected with batch delivery; kept correct)
+                continue
+            batch = batches.get(message.partition)
+            if batch is None:
+                batch = batches[message.partition] = internals.new_write_batch(store)
+            for record in records:
+                if record.value is None:
+                    batch.delete(record.key)
+                else:
+                    batch.put(record.key, record.value)
+            offsets[message.tp] = max(message.offset, offsets.get(message.tp, -1))
+        if plain:
+            original(plain)
+        for partition, batch in batches.items():
+            internals.partition_db(store, partition).write(batch)
+        for tp, offset in offsets.items():
+            store.set_persisted_offset(tp, offset)
+
+    users.apply_changelog_batch = apply_changelog_batch
 
 
 class UsersTable(MutableMapping[str, Any]):

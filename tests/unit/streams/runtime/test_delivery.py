@@ -8,6 +8,7 @@ would take (``Consumer._new_offset``).
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from faust.types import TP
 from core.contract import changelog_topic
 from streams.config import WorkerSettings
 from streams.runtime.app import Worker, create_app
-from streams.runtime.delivery import BatchMessage, drain
+from streams.runtime.delivery import BatchMessage
 
 RAW = "rongcloud.presence.raw"  # the settings' default
 
@@ -66,7 +67,8 @@ class Harness:
         self.seeks += 1
 
     async def run(self) -> None:
-        await asyncio.wait_for(drain(self.consumer, self.fetcher, frozenset({RAW})), timeout=10)
+        # What the worker installed on its consumer (RAW, ticks and the changelog batched), as Faust's Fetcher calls it.
+        await asyncio.wait_for(self.consumer._drain_messages(self.fetcher), timeout=10)
 
 
 @pytest.fixture
@@ -175,12 +177,35 @@ async def test_a_rebalance_during_the_delivery_wait_returns_without_blocking(
     assert [m.offsets for m in h.delivered] == [[1, 2]]
 
 
-async def test_the_changelog_keeps_fausts_per_record_path(raw_settings_worker: Worker) -> None:
-    tp = TP(changelog_topic("unit-worker"), 0)
+async def test_other_topics_keep_fausts_per_record_path(raw_settings_worker: Worker) -> None:
+    tp = TP("some-other-topic", 0)
     h = Harness(raw_settings_worker, [{tp: [record(tp, o) for o in (0, 1, 2)]}])
     await h.run()
     assert [type(m).__name__ for m in h.delivered] == ["ConsumerMessage"] * 3
     assert [m.offset for m in h.delivered] == [0, 1, 2]
+
+
+async def test_the_changelog_is_restored_a_batch_at_a_time(raw_settings_worker: Worker) -> None:
+    """Faust's recovery hands the table the events it buffered; each is a whole fetched batch of records."""
+    worker = raw_settings_worker
+    tp = TP(changelog_topic("unit-worker"), 3)
+    h = Harness(
+        worker,
+        [
+            {tp: [record(tp, 0, b"u1"), record(tp, 1, b"u2")]},
+            {tp: [record(tp, 2, b"u1"), record(tp, 3, b"u3")]},
+        ],
+    )
+    await h.run()
+    assert [m.offsets for m in h.delivered] == [[0, 1], [2, 3]]
+    tombstone = record(tp, 3, b"u3")
+    tombstone.value = None
+    h.delivered[1].records[1] = tombstone
+
+    users: Any = worker.table._table
+    users.apply_changelog_batch([SimpleNamespace(message=m) for m in h.delivered])
+    assert dict(worker.table.records(3)) == {"u1": b"v", "u2": b"v"}, "u3's tombstone deleted it"
+    assert users.data.persisted_offset(tp) == 3, "a warm restart resumes after the last restored record"
 
 
 def test_the_worker_installs_batch_delivery_on_its_consumer_only(worker: Worker) -> None:
