@@ -138,6 +138,59 @@ class TransitionTally:
         self.top = 0
 
 
+class _Collected:
+    """What a batch did to one metric: increments and last values per label set, histogram observations."""
+
+    __slots__ = ("counts", "last", "observed", "_labels")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], float] = {}
+        self.last: dict[tuple[str, ...], float] = {}
+        self.observed: list[float] = []
+        self._labels: tuple[str, ...] = ()
+
+    def labels(self, *labels: str) -> _Collected:
+        # Always chained at once (``labels(...).inc()``), in synchronous code: remembering them is enough.
+        self._labels = labels
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        labels, self._labels = self._labels, ()
+        self.counts[labels] = self.counts.get(labels, 0) + amount
+
+    def set(self, value: float) -> None:
+        labels, self._labels = self._labels, ()
+        self.last[labels] = value
+
+    def observe(self, value: float) -> None:
+        self.observed.append(value)
+
+
+class _BatchMetrics:
+    """Stands in for :class:`WorkerMetrics` while a batch is processed; :meth:`apply_to` hands the totals over."""
+
+    def __init__(self) -> None:
+        self._collected: dict[str, _Collected] = {}
+
+    def __getattr__(self, name: str) -> _Collected:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        collected = self._collected.get(name)
+        if collected is None:
+            collected = self._collected[name] = _Collected()
+        return collected
+
+    def apply_to(self, metrics: WorkerMetrics) -> None:
+        for name, collected in self._collected.items():
+            metric = getattr(metrics, name)
+            for labels, amount in collected.counts.items():
+                (metric.labels(*labels) if labels else metric).inc(amount)
+            for labels, value in collected.last.items():
+                (metric.labels(*labels) if labels else metric).set(value)
+            for value in collected.observed:
+                metric.observe(value)
+
+
 class Processor:
     """Applies RAW events and sweeps to a table; one instance per worker, all partitions."""
 
@@ -229,14 +282,24 @@ class Processor:
         out: list[Outgoing] = []
         limit = self._config.transition_memory - MAX_TRANSITIONS_PER_RECORD
         done = 0
-        for offset, key, value in records:
-            if tally is not None and limit >= 0 and tally.top > limit:
-                break
-            produced = self.on_raw(partition, offset, key, value, now_ms)
-            if tally is not None:
-                tally.count(produced)
-            out.extend(produced)
-            done += 1
+        metrics = self._metrics
+        if metrics is not None:
+            # Metrics are collected per batch and applied once: Prometheus' labels() and inc() per event cost
+            # about a fifth of the processing.
+            self._metrics = _BatchMetrics()  # type: ignore[assignment]
+        try:
+            for offset, key, value in records:
+                if tally is not None and limit >= 0 and tally.top > limit:
+                    break
+                produced = self.on_raw(partition, offset, key, value, now_ms)
+                if tally is not None:
+                    tally.count(produced)
+                out.extend(produced)
+                done += 1
+        finally:
+            if metrics is not None:
+                collected, self._metrics = self._metrics, metrics
+                collected.apply_to(metrics)  # type: ignore[union-attr]
         return out, done
 
     def on_tick(self, partition: int, offset: int, now_ms: int) -> list[Outgoing]:

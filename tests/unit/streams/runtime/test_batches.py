@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams.config import WorkerSettings
+from streams.metrics import WorkerMetrics
 from streams.processor import MAX_TRANSITIONS_PER_RECORD, Outgoing, Processor, TransitionTally
 from streams.runtime.app import Worker, create_app
 
@@ -244,3 +245,31 @@ def test_s10_a_batch_is_cut_before_one_user_exceeds_the_transition_memory(
     assert 0 < done < len(many_users_batch), "one user's flapping sessions cut the batch"
     assert tally.top <= memory and tally.top > memory - MAX_TRANSITIONS_PER_RECORD
     assert sum(1 for o in out if o.topic == "transitions") == tally.top
+
+
+def _samples(metrics: WorkerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(split())
+def test_metrics_collected_per_batch_equal_metrics_per_record(
+    case: tuple[list[list[tuple[int, bytes | None, bytes | None]]], list[int]],
+) -> None:
+    batches, now = case
+    config = WorkerSettings(kafka_bootstrap_servers="127.0.0.1:9", **_config_env()).presence_config()
+    per_batch, per_record = WorkerMetrics(), WorkerMetrics()
+    table_a: dict[str, Any] = {}
+    table_b: dict[str, Any] = {}
+    a = Processor(table_a, config, lambda p: list(table_a.items()), per_batch)
+    b = Processor(table_b, config, lambda p: list(table_b.items()), per_record)
+    for batch, batch_now in zip(batches, now, strict=True):
+        a.on_batch(PARTITION, batch, batch_now)
+        for offset, key, value in batch:
+            b.on_raw(PARTITION, offset, key, value, batch_now)
+    assert _samples(per_batch) == _samples(per_record)
