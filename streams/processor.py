@@ -175,9 +175,9 @@ class _BatchMetrics:
     def __getattr__(self, name: str) -> _Collected:
         if name.startswith("_"):
             raise AttributeError(name)
-        collected = self._collected.get(name)
-        if collected is None:
-            collected = self._collected[name] = _Collected()
+        # Only the first access of a name comes here: the attribute is then set, and found directly.
+        collected = self._collected[name] = _Collected()
+        setattr(self, name, collected)
         return collected
 
     def apply_to(self, metrics: WorkerMetrics) -> None:
