@@ -18,6 +18,7 @@ partition's stream time is also written under a reserved key.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -112,29 +113,59 @@ MAX_TRANSITIONS_PER_RECORD = 4
 
 
 class TransitionTally:
-    """Transitions sent per user since every output was last acknowledged (S10 with batches).
+    """Transitions sent per user and not yet acknowledged (S10 with batches).
 
     A redelivered record re-sends its transitions from the record's memory, which holds the last
-    ``transition_memory`` of them; a transition not yet acknowledged must still be there. So between two moments
-    when every output is acknowledged, no user may be sent more transitions than the memory holds.
+    ``transition_memory`` of them; a transition not yet acknowledged must still be there. So no user may have more
+    transitions in flight than the memory holds. The caller seals what it sent as a segment (:meth:`seal`), with a way
+    to tell that all of it is acknowledged, and retires acknowledged segments (:meth:`retire`) before going on.
     """
 
-    __slots__ = ("counts", "top")
+    __slots__ = ("counts", "top", "_segment", "_sealed")
 
     def __init__(self) -> None:
         self.counts: dict[bytes | None, int] = {}
         self.top = 0
+        self._segment: dict[bytes | None, int] = {}
+        self._sealed: deque[tuple[dict[bytes | None, int], Callable[[], bool]]] = deque()
 
     def count(self, outgoing: Iterable[Outgoing]) -> None:
-        counts = self.counts
+        counts, segment = self.counts, self._segment
         for message in outgoing:
             if message.topic == "transitions":
-                n = counts[message.key] = counts.get(message.key, 0) + 1
+                key = message.key
+                segment[key] = segment.get(key, 0) + 1
+                n = counts[key] = counts.get(key, 0) + 1
                 if n > self.top:
                     self.top = n
 
+    def seal(self, acknowledged: Callable[[], bool]) -> None:
+        """What was counted since the last seal was sent; ``acknowledged()`` tells when all of it is."""
+        if self._segment:
+            self._sealed.append((self._segment, acknowledged))
+            self._segment = {}
+
+    def retire(self) -> None:
+        """Forget the sealed segments that are acknowledged (oldest first, as sent)."""
+        sealed, counts = self._sealed, self.counts
+        changed = False
+        while sealed and sealed[0][1]():
+            segment, _ = sealed.popleft()
+            changed = True
+            for key, n in segment.items():
+                left = counts[key] - n
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+        if changed:
+            self.top = max(counts.values(), default=0)
+
     def clear(self) -> None:
+        """Everything sent is acknowledged."""
         self.counts.clear()
+        self._segment.clear()
+        self._sealed.clear()
         self.top = 0
 
 

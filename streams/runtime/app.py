@@ -16,6 +16,7 @@ content), or finds the event already applied and re-sends the transitions it cau
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -154,20 +155,20 @@ def _add_agent(worker: Worker) -> None:
     # Transitions sent per user since every output was last acknowledged (S10, see Processor.on_batch).
     tally = TransitionTally()
 
-    async def send_all(outgoing: list[Outgoing]) -> None:
+    async def send_all(outgoing: list[Outgoing]) -> list[asyncio.Future[Any]]:
         # Straight to the Kafka client, in produce batches per (topic, partition): Faust's Topic.send, and even
         # the client's send(), cost several times an append to a batch. Every batch is held against the next
         # offset commit (the changelog's too), so a commit never covers an output Kafka has not acknowledged.
         client = internals.kafka_client(app.producer)
-        await table.flush_changelog(client)
-        await outputs.send(outgoing)
+        sent = await table.flush_changelog(client)
+        sent.extend(await outputs.send(outgoing))
+        return sent
 
     async def process_raw(partition: int, records: list[Any], now: int) -> None:
         pending = [(record.offset, record.key, record.value) for record in records]
         start = 0
         while start < len(pending):
-            if not len(gate):
-                tally.clear()  # everything sent so far is acknowledged
+            tally.retire()  # what is acknowledged by now no longer counts
             table.begin_batch(partition)
             try:
                 outgoing, done = processor.on_batch(partition, pending[start:], now, tally)
@@ -177,7 +178,8 @@ def _add_agent(worker: Worker) -> None:
                 processor.forget([partition])
                 raise
             table.end_batch()
-            await send_all(outgoing)
+            sent = await send_all(outgoing)
+            tally.seal(lambda sent=sent: all(future.done() for future in sent))  # type: ignore[misc]
             start += done
             if start < len(pending):
                 # Cut (S10): one user would exceed the transition memory before these are acknowledged.
@@ -247,9 +249,11 @@ class Outputs:
             count = self._partitions[topic] = len(await client.partitions_for(topic))
         return count
 
-    async def send(self, outgoing: list[Outgoing]) -> None:
+    async def send(self, outgoing: list[Outgoing]) -> list[asyncio.Future[Any]]:
+        """Hand ``outgoing`` to the client; return the futures held against the next commit."""
+        held: list[asyncio.Future[Any]] = []
         if not outgoing:
-            return
+            return held
         client = self._client()
         groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         where: dict[tuple[str, bytes], int] = {}
@@ -257,7 +261,9 @@ class Outputs:
             topic = self._topics[message.topic]
             if message.key is None:
                 # Unkeyed (a dead letter of a keyless record): the client picks the partition.
-                self._gate.hold(await client.send(topic, message.value))
+                sent = await client.send(topic, message.value)
+                self._gate.hold(sent)
+                held.append(sent)
                 continue
             partition = where.get((topic, message.key))
             if partition is None:
@@ -268,6 +274,8 @@ class Outputs:
         for (topic, partition), messages in groups.items():
             for sent, _count in await send_batches(client, topic, partition, messages):
                 self._gate.hold(sent)
+                held.append(sent)
+        return held
 
 
 def _add_rebalance_handlers(worker: Worker) -> None:

@@ -203,12 +203,13 @@ class UsersTable(MutableMapping[str, Any]):
         for key, value in internals.partition_items(self._store, partition):
             yield key.decode(), value
 
-    async def flush_changelog(self, client: Any) -> None:
+    async def flush_changelog(self, client: Any) -> list[Any]:
         """Send the queued changelog messages with ``client`` (an ``aiokafka.AIOKafkaProducer``), one batch per
         partition, each held against the next offset commit; the partition's changelog offset is persisted in
-        RocksDB once Kafka acknowledges it (where a warm restart resumes reading)."""
+        RocksDB once Kafka acknowledges it (where a warm restart resumes reading). Returns the futures held."""
+        held: list[Any] = []
         if not self._pending:
-            return
+            return held
         by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for key, value, partition in self._pending:
             by_partition.setdefault(partition, []).append((key, value))
@@ -216,7 +217,9 @@ class UsersTable(MutableMapping[str, Any]):
         for partition, messages in by_partition.items():
             for sent, count in await send_batches(client, self.changelog, partition, messages):
                 self._gate.hold(sent)
+                held.append(sent)
                 sent.add_done_callback(functools.partial(self._persist_offset, count))
+        return held
 
     def _persist_offset(self, count: int, sent: Any) -> None:
         if not sent.cancelled() and sent.exception() is None:

@@ -273,3 +273,26 @@ def test_metrics_collected_per_batch_equal_metrics_per_record(
         for offset, key, value in batch:
             b.on_raw(PARTITION, offset, key, value, batch_now)
     assert _samples(per_batch) == _samples(per_record)
+
+
+def test_s10_acknowledged_transitions_stop_counting() -> None:
+    tally = TransitionTally()
+    first = [
+        Outgoing("transitions", b"u1", b"t"),
+        Outgoing("transitions", b"u1", b"t"),
+        Outgoing("state", b"u1", b"s"),
+    ]
+    tally.count(first)
+    acked = [False]
+    tally.seal(lambda: acked[0])
+    tally.count([Outgoing("transitions", b"u1", b"t"), Outgoing("transitions", b"u2", b"t")])
+    tally.seal(lambda: False)
+    assert tally.top == 3 and tally.counts == {b"u1": 3, b"u2": 1}
+
+    tally.retire()
+    assert tally.top == 3, "nothing acknowledged yet"
+    acked[0] = True
+    tally.retire()
+    assert tally.counts == {b"u1": 1, b"u2": 1} and tally.top == 1
+    tally.clear()
+    assert tally.counts == {} and tally.top == 0
