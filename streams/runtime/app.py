@@ -202,10 +202,13 @@ def _add_agent(worker: Worker) -> None:
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:
-        async for event in stream.events():
+        consumer = app.consumer
+        # No acks from the stream: a batch is acknowledged here, all its offsets at once (see delivery).
+        async for event in stream.noack().events():
             message = event.message
             # RAW and ticks arrive as one BatchMessage per fetched topic-partition (streams.runtime.delivery).
-            records = message.records if isinstance(message, BatchMessage) else [message]
+            batch = message if isinstance(message, BatchMessage) else None
+            records = batch.records if batch is not None else [message]
             now = _now_ms()
             completed = False
             try:
@@ -225,10 +228,13 @@ def _add_agent(worker: Worker) -> None:
                 )
                 raise
             finally:
-                if not completed and isinstance(message, BatchMessage):
-                    # Cancelled (shutdown) or failed part-way: the stream still acks the batch when it lets go of
-                    # it, which must not make its records committable (see BatchMessage.abandon).
-                    message.abandon()
+                if batch is None:
+                    await stream.ack(event)
+                elif completed:
+                    batch.acknowledge(consumer)
+                else:
+                    # Cancelled (shutdown) or failed part-way: released, none of its offsets acknowledged.
+                    batch.release(consumer)
             if message.topic != settings.ticks_topic:
                 last = records[-1]
                 worker.progress.processed(message.partition, last.offset, last.timestamp / 1000)

@@ -13,7 +13,9 @@ skipped by the fetch is recorded so commits can pass it), and the generation che
 the consumer generation of the fetch is current; the stream drops a batch of an older generation, as it drops a
 message). Acknowledging a :class:`BatchMessage` acknowledges every offset in it, with ``Consumer.ack``'s
 bookkeeping (:func:`streams.runtime.internals.ack_offsets`), so commits advance exactly as if each record had
-been acked, and never past a batch still being processed.
+been acked, and never past a batch still being processed. The agent acknowledges a batch itself (it iterates its
+stream without Faust's acks): Faust's compiled stream iterator acks a message by inlining ``Consumer.ack`` for its
+one offset, which a batch must not rely on.
 
 Rebalances stay safe the way Faust makes them safe: on revocation Faust stops the flow (the ``wait_first`` above
 returns), clears the agents' queues (batches not yet started are dropped, never acked, and re-fetched from the
@@ -49,21 +51,25 @@ _YIELD_EVERY = 100
 class BatchMessage(ConsumerMessage):
     """The records one fetch returned for one topic-partition, delivered as one message.
 
-    ``offset`` is the last record's, so Faust's per-message bookkeeping (sensors, monitor) sees the batch as its
-    last record; ``records`` are aiokafka's ``ConsumerRecord`` objects in offset order.
+    ``records`` are aiokafka's ``ConsumerRecord`` objects in offset order. The agent that processes the batch
+    acknowledges it itself: :meth:`acknowledge` acks every offset once everything the batch caused is handed to
+    Kafka, :meth:`release` acks none (processing stopped part-way: the records are delivered again). Faust's own
+    ack of a message (``Message.ack``, or the compiled stream iterator's inlined copy of ``Consumer.ack``, which
+    never calls a message's methods) acks one offset; it reaches a batch only for a batch the stream drops (a
+    stale generation), so ``offset`` is the first record's: that drop then acks what it would for one message.
     """
 
-    __slots__ = ("records", "abandoned")
+    __slots__ = ("records",)
 
     def __init__(self, tp: Any, records: list[Any], generation_id: int | None) -> None:
-        last = records[-1]
-        timestamp: Any = None if last.timestamp is None else last.timestamp / 1000.0
+        first = records[0]
+        timestamp: Any = None if first.timestamp is None else first.timestamp / 1000.0
         super().__init__(
             tp.topic,
             tp.partition,
-            last.offset,
+            first.offset,
             timestamp,
-            last.timestamp_type,
+            first.timestamp_type,
             None,
             None,
             None,
@@ -74,24 +80,27 @@ class BatchMessage(ConsumerMessage):
             generation_id=generation_id,
         )
         self.records = records
-        self.abandoned = False
-
-    def abandon(self) -> None:
-        """Processing stopped part-way (cancelled at shutdown, or failed): acking must not cover the records.
-
-        Faust's stream acks the message it handed out in a ``finally``, also when the agent was cancelled or
-        raised while processing it; for a batch that is a window in which a commit would cover records whose
-        outputs were never sent. An abandoned batch is still released (so ``wait_empty`` does not wait for it)
-        but acks none of its offsets: they are delivered again.
-        """
-        self.abandoned = True
 
     @property
     def offsets(self) -> list[int]:
         return [record.offset for record in self.records]
 
+    def acknowledge(self, consumer: Any) -> bool:
+        """Processing finished: every offset of the batch becomes committable, as if each record were acked."""
+        if self.acked:
+            return False
+        return internals.ack_offsets(consumer, self, self.offsets)
+
+    def release(self, consumer: Any) -> None:
+        """Processing stopped part-way (cancelled at shutdown, or failed): stop waiting for the batch, ack none
+        of its offsets, so a commit never covers records whose outputs were not all sent."""
+        if not self.acked:
+            internals.ack_offsets(consumer, self, ())
+
     def on_final_ack(self, consumer: Any) -> bool:
-        return internals.ack_offsets(consumer, self, () if self.abandoned else self.offsets)
+        # Faust's pure-Python ack path (a dropped batch): ack nothing.
+        self.release(consumer)
+        return False
 
 
 def install(consumer: Any, batched: Iterable[str]) -> None:

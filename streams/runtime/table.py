@@ -82,7 +82,7 @@ def _apply_changelog_batches(users: Any) -> None:
                     batch.delete(record.key)
                 else:
                     batch.put(record.key, record.value)
-            offsets[message.tp] = max(message.offset, offsets.get(message.tp, -1))
+            offsets[message.tp] = max(records[-1].offset, offsets.get(message.tp, -1))
         if plain:
             original(plain)
         for partition, batch in batches.items():
