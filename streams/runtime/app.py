@@ -43,6 +43,10 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+#: Batches queued for the agent (and changelog batches for the table's recovery) before fetching pauses.
+STREAM_BUFFER_BATCHES = 64
+
+
 def faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "broker": [f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
@@ -91,6 +95,9 @@ def new_faust_app(settings: WorkerSettings) -> faust.App:
         table_standby_replicas=1,
         # Recovery waits on the changelog; a worker must not flip to processing with a half-restored table.
         stream_wait_empty=True,
+        # The agent's queue counts messages, and a message is a whole fetched batch (streams.runtime.delivery):
+        # Faust's default of 4096 would let a backlog park millions of records in memory ahead of the agent.
+        stream_buffer_maxsize=STREAM_BUFFER_BATCHES,
         autodiscover=False,
         logging_config=None,
     )

@@ -56,20 +56,22 @@ class BatchMessage(ConsumerMessage):
     Kafka, :meth:`release` acks none (processing stopped part-way: the records are delivered again). Faust's own
     ack of a message (``Message.ack``, or the compiled stream iterator's inlined copy of ``Consumer.ack``, which
     never calls a message's methods) acks one offset; it reaches a batch only for a batch the stream drops (a
-    stale generation), so ``offset`` is the first record's: that drop then acks what it would for one message.
+    stale generation), so on an acked topic ``offset`` is the first record's: that drop then acks what it would
+    for one message. Elsewhere (the changelog) it is the last record's: Faust's recovery takes a message's offset
+    as the position read up to.
     """
 
     __slots__ = ("records",)
 
-    def __init__(self, tp: Any, records: list[Any], generation_id: int | None) -> None:
-        first = records[0]
-        timestamp: Any = None if first.timestamp is None else first.timestamp / 1000.0
+    def __init__(self, tp: Any, records: list[Any], generation_id: int | None, acked: bool = True) -> None:
+        which = records[0] if acked else records[-1]
+        timestamp: Any = None if which.timestamp is None else which.timestamp / 1000.0
         super().__init__(
             tp.topic,
             tp.partition,
-            first.offset,
+            which.offset,
             timestamp,
-            first.timestamp_type,
+            which.timestamp_type,
             None,
             None,
             None,
@@ -188,9 +190,8 @@ async def _deliver_batch(consumer: Any, app: Any, tp: Any, tp_records: list[Any]
     if not kept:
         return
     await _maybe_commit(consumer)
-    await consumer.wait_first(
-        consumer.callback(BatchMessage(tp, kept, generation_id)), consumer.suspend_flow.wait()
-    )
+    batch = BatchMessage(tp, kept, generation_id, acked=acks_enabled)
+    await consumer.wait_first(consumer.callback(batch), consumer.suspend_flow.wait())
     read_offsets[tp] = kept[-1].offset
 
 
