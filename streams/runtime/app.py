@@ -1,14 +1,17 @@
 """The Faust app: topics, the users table, the agent, the query API and the lag monitor, wired together.
 
 ``create_app(settings)`` builds everything on a fresh ``faust.App``; nothing happens at import time and nothing
-connects until the app runs. The agent only decodes, calls :class:`streams.processor.Processor` and sends what
-it returns. The pieces live beside this module: the table (:mod:`.table`), the commit fix (:mod:`.fixes`), the
-query views (:mod:`.views`), readiness and lag (:mod:`.progress`); every private Faust or aiokafka name used is
-in :mod:`.internals`.
+connects until the app runs. The agent takes RAW and ticks one fetched partition batch at a time
+(:mod:`.delivery`), has :class:`streams.processor.Processor` process the batch over the table's overlay, writes
+the table once, sends what it returned in produce batches and acknowledges the batch's offsets. The pieces live
+beside this module: the batch delivery (:mod:`.delivery`), the table (:mod:`.table`), the commit fix
+(:mod:`.fixes`), the query views (:mod:`.views`), readiness and lag (:mod:`.progress`); every private Faust or
+aiokafka name used is in :mod:`.internals`.
 
 Processing guarantee (S10): at-least-once with identical repeats. Faust flushes the producer (table changelog,
 TRANSITIONS, STATE) before it commits an offset, and the flush waits for Kafka's acknowledgement of every
-message sent so far (:mod:`.fixes`), so a crash re-delivers every message whose outputs may be missing.
+message sent so far (:mod:`.fixes`), and a batch's offsets are acknowledged only once all it caused is handed
+to the client, so a crash re-delivers every record whose outputs may be missing.
 Re-applying such a message either recomputes the same transitions from the same record (same epoch, seq and
 content), or finds the event already applied and re-sends the transitions it caused from the record's memory.
 ``emitted_at`` is the only field that may differ in a repeat.
