@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from core.contract import WEBHOOK_PATH
 from gateway.config import GatewaySettings
-from gateway.main import uvicorn_config
+from gateway.server import uvicorn_config
 
 
 def create_app() -> FastAPI:

@@ -251,11 +251,16 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     return "\n".join(lines)
 
 
-def write_results(name: str, smoke: bool, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
-    """Write the benchmark's JSON (``<name>.json``, or ``<name>.smoke.json``) and return its path."""
+def write_results(
+    name: str, smoke: bool, payload: dict[str, Any], out_dir: Path | None = None, variant: str | None = None
+) -> Path:
+    """Write the benchmark's JSON (``<name>.json``, ``<name>.<variant>.json`` for another size, or
+    ``<name>.smoke.json``) and return its path."""
     directory = out_dir or RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / (f"{name}.smoke.json" if smoke else f"{name}.json")
+    path = directory / (
+        f"{name}.smoke.json" if smoke else f"{name}.{variant}.json" if variant else f"{name}.json"
+    )
     document = {
         "benchmark": name,
         "smoke": smoke,

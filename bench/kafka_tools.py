@@ -90,6 +90,17 @@ class Offsets:
                     raise
                 time.sleep(0.2)
 
+    def committed_each(self, group: str, topic: str, partitions: int) -> list[int]:
+        """The group's committed offset of each partition (0 where none is committed)."""
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return [max(0, tp.offset) for tp in self._consumer(group).committed(tps, timeout=10)]
+
+    def end_each(self, topic: str, partitions: int) -> list[int]:
+        consumer = self._consumer("bench-offsets")
+        return [
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)
+        ]
+
     def end(self, topic: str, partitions: int) -> int:
         consumer = self._consumer("bench-offsets")
         return sum(

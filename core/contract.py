@@ -102,6 +102,10 @@ def decode_raw(key: bytes | None, value: bytes | None, delivery_id: str) -> Even
         raw = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise InvalidRaw("undecodable_raw", f"not JSON: {exc}") from None
+    return _event_from_dict(raw, key, delivery_id)
+
+
+def _event_from_dict(raw: Any, key: bytes | None, delivery_id: str) -> Event:
     if not isinstance(raw, dict):
         raise InvalidRaw("invalid_raw", "not a JSON object")
     userid = raw.get("userid")
@@ -258,3 +262,90 @@ def decode_observation(key: bytes | None, value: bytes | None, delivery_id: str)
     if not isinstance(raw, dict) or not is_observation(raw):
         raise InvalidRaw("invalid_raw", f'not an observation (its "kind" must be "{OBSERVATION_KIND}")')
     return observation_from_dict(raw, key, delivery_id)
+
+
+# --- intake gaps ---------------------------------------------------------------------------------------------
+# The gateway marks a window in which it may have lost callbacks: it started after an unclean stop (the window
+# runs from its last persisted heartbeat to its start), or it answered a callback with something other than 200,
+# or later than upstream's 5 s timeout (upstream then retries, and after three failures drops the callback). The
+# marker goes to every RAW partition, so each worker learns of it in order with its users' events and can check
+# the users a lost callback may have left wrong. A RAW record is a marker when its ``kind`` is "intake_gap".
+
+GAP_KIND: Final = "intake_gap"
+UPSTREAM_TIMEOUT_MS: Final = 5_000  # upstream gives up on a callback attempt after 5 s (the seed document)
+GapReason = Literal["unclean_stop", "error_answer", "slow_answer"]
+GAP_REASONS: Final[tuple[GapReason, ...]] = ("unclean_stop", "error_answer", "slow_answer")
+
+
+class GapMarker(NamedTuple):
+    """A window ``[start, end]`` (epoch ms, the gateway's wall clock) in which callbacks may have been lost.
+
+    ``id`` names the gap (the same on every partition: a worker owning several partitions caps its checks per
+    gap, not per partition); ``gateway`` the instance that saw it; ``reason`` why (:data:`GAP_REASONS`, an open
+    set). ``delivery_id`` is the RAW record's Kafka position, set by the decoder.
+    """
+
+    id: str
+    gateway: str
+    reason: str
+    start: int
+    end: int
+    delivery_id: str = ""
+
+
+def encode_gap_marker(marker: GapMarker) -> bytes:
+    """The RAW record of an intake-gap marker (no key: it is sent to each partition explicitly)."""
+    return orjson.dumps(
+        {
+            "schema": SCHEMA_VERSION,
+            "kind": GAP_KIND,
+            "id": marker.id,
+            "gateway": marker.gateway,
+            "reason": marker.reason,
+            "start": marker.start,
+            "end": marker.end,
+        }
+    )
+
+
+def gap_marker_from_dict(raw: Mapping[str, Any], delivery_id: str) -> GapMarker:
+    """Check a decoded RAW value whose ``kind`` is "intake_gap"; raise :class:`InvalidRaw` if it is unusable."""
+    gap_id, gateway, reason = raw.get("id"), raw.get("gateway"), raw.get("reason")
+    start, end = raw.get("start"), raw.get("end")
+    for name, text in (("id", gap_id), ("gateway", gateway), ("reason", reason)):
+        if not isinstance(text, str) or not text or len(text) > MAX_OPTIONAL_LENGTH:
+            raise InvalidRaw(
+                "invalid_raw", f"{name} missing, not a string or over {MAX_OPTIONAL_LENGTH} characters"
+            )
+    for name, moment in (("start", start), ("end", end)):
+        if not isinstance(moment, int) or isinstance(moment, bool) or moment < MIN_EVENT_TIME_MS:
+            raise InvalidRaw("invalid_raw", f"{name} missing or not epoch milliseconds")
+    assert isinstance(start, int) and isinstance(end, int)  # noqa: S101 - narrowed above
+    if end < start:
+        raise InvalidRaw("invalid_raw", "end is before start")
+    return GapMarker(str(gap_id), str(gateway), str(reason), start, end, delivery_id)
+
+
+# --- one RAW record, whatever its kind ------------------------------------------------------------------------
+
+RawRecord = Event | Observation | GapMarker
+
+
+def decode_raw_record(key: bytes | None, value: bytes | None, delivery_id: str) -> RawRecord:
+    """Decode any RAW record, dispatching on ``kind`` before the event checks: an upstream event (no ``kind``),
+    an observation (R1) or an intake-gap marker. Raises :class:`InvalidRaw` like :func:`decode_raw`."""
+    if value is None:
+        raise InvalidRaw("undecodable_raw", "empty value")
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRaw("undecodable_raw", f"not JSON: {exc}") from None
+    if isinstance(raw, dict):
+        kind = raw.get("kind")
+        if kind == OBSERVATION_KIND:
+            return observation_from_dict(raw, key, delivery_id)
+        if kind == GAP_KIND:
+            return gap_marker_from_dict(raw, delivery_id)
+        if kind is not None:
+            raise InvalidRaw("invalid_raw", f"unknown kind {kind!r}")
+    return _event_from_dict(raw, key, delivery_id)

@@ -46,6 +46,9 @@ class CommonSettings(BaseSettings):
     topic_dlq: str = "rongcloud.presence.dlq"
     topic_transitions: str = "presence.transitions"
     topic_state: str = "presence.state"
+    # Off: the topics are made beforehand (an administrator, Strimzi KafkaTopics) and the services only describe
+    # them, so their Kafka users need no Create right; a missing topic then stops a service with what to create.
+    topic_create: bool = True
     topic_partitions: int = Field(default=12, ge=1, le=10_000)
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
     topic_raw_retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)

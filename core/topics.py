@@ -93,7 +93,11 @@ def product_topics(settings: CommonSettings) -> list[TopicSpec]:
 async def ensure_topics(
     settings: CommonSettings, extra: Iterable[TopicSpec] = (), timeout: float = 30.0
 ) -> list[str]:
-    """Create the product's topics (plus ``extra``) where missing; return the names created."""
+    """Create the product's topics (plus ``extra``) where missing; return the names created.
+
+    With ``PRESENCE_TOPIC_CREATE=false`` nothing is created (Describe rights suffice): a missing topic is a
+    :class:`TopicError` naming each one with its partitions, replication factor and configs.
+    """
     specs = [*product_topics(settings), *extra]
     admin = AIOKafkaAdminClient(
         client_id=f"{settings.kafka_client_id_prefix}-admin", request_timeout_ms=int(timeout * 1000),
@@ -110,6 +114,8 @@ async def ensure_topics(
     try:
         existing = set(await admin.list_topics())
         missing = [spec for spec in specs if spec.name not in existing]
+        if missing and not settings.topic_create:
+            raise TopicError(_missing_message(missing))
         if missing:
             new_topics = [
                 NewTopic(spec.name, spec.partitions, spec.replication_factor, topic_configs=spec.config)
@@ -127,6 +133,20 @@ async def ensure_topics(
         return [spec.name for spec in missing]
     finally:
         await admin.close()
+
+
+def _missing_message(missing: list[TopicSpec]) -> str:
+    wanted = "; ".join(
+        f"{spec.name} (partitions {spec.partitions}, replication factor {spec.replication_factor}"
+        + "".join(f", {key}={value}" for key, value in sorted(spec.config.items()))
+        + ")"
+        for spec in missing
+    )
+    return (
+        f"PRESENCE_TOPIC_CREATE is false and {len(missing)} topic(s) do not exist: {wanted}. Create them "
+        "(`presence create-topics` with the same settings and a user allowed to create topics, or the chart's "
+        "strimzi.topics), or set PRESENCE_TOPIC_CREATE=true"
+    )
 
 
 async def _check_partitions(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:

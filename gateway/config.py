@@ -65,6 +65,9 @@ class GatewaySettings(CommonSettings):
     # the HTTP server itself never times out a head that trickles in (slowloris).
     gateway_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
 
+    # The fraction of successful webhook requests that get an access-log line; every refusal and error gets one.
+    gateway_access_log_success_sample: float = Field(default=0.01, ge=0, le=1)
+
     gateway_shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
     gateway_shutdown_drain_seconds: float = Field(default=15.0, ge=0, le=3600)
     gateway_ensure_topics: bool = True

@@ -148,9 +148,12 @@ def kafka_status(data_dir: Path) -> None:
               help="Full-screen live view, or one status line every few seconds [default: live on a terminal].")  # fmt: skip
 @click.option("--exit-after-demo", is_flag=True,
               help="Stop everything and exit once the demo traffic is processed: exit 0 if transitions flowed.")  # fmt: skip
+@click.option("--lose-callbacks", type=click.FloatRange(min=0, max=1), default=0.02, show_default=True,
+              help="Share of the demo's callbacks lost on purpose, for reconciliation to correct.")  # fmt: skip
 def up(
     port: int, data_dir: Path, kafka_bootstrap: str | None, run_dir: Path, gateway_port: int, worker_port: int,
     demo_seconds: float, rate: float, users: int, seed: int, live: bool | None, exit_after_demo: bool,
+    lose_callbacks: float,
 ) -> None:  # fmt: skip
     """Run the whole pipeline locally and watch presence change live.
 
@@ -158,6 +161,10 @@ def up(
     RUN_DIR/logs), sends simulated RongCloud traffic through the gateway and shows online users,
     transitions/s, lag and latency as they happen, with the URLs to look at next. The demo's app key and
     secret are printed (set PRESENCE_APP_KEY / PRESENCE_APP_SECRET to choose them).
+
+    Reconciliation asks an emulated RongCloud server API served by this command (never RongCloud's real
+    hosts), from the demo traffic's ground truth; the demo loses some callbacks on purpose and checks users
+    online and silent for a minute, so the view shows ghosts being corrected.
 
     Ctrl-C (or SIGTERM) stops the gateway, the worker and the broker it started, in that order.
     """
@@ -170,6 +177,7 @@ def up(
         port=port, data_dir=data_dir, kafka=kafka_bootstrap, run_dir=run_dir, gateway_port=gateway_port,
         worker_port=worker_port, demo_seconds=demo_seconds, rate=rate, users=users, seed=seed,
         live=console.is_terminal if live is None else live, exit_after_demo=exit_after_demo,
+        lose_callbacks=lose_callbacks,
     )  # fmt: skip
     try:
         code = run(options, console)
@@ -455,14 +463,29 @@ def worker() -> None:
 
 
 @main.command("create-topics", short_help="Create the product's topics with their configs.")
-def create_topics() -> None:
-    """Create the product's topics with their configs (the gateway and workers also do this at start)."""
+@click.option(
+    "--worker", "with_worker", is_flag=True,
+    help="Also the worker's own topics (<app id>-ticks, -users-changelog, -__assignor-__leader), named by "
+    "PRESENCE_WORKER_APP_ID: for workers that may not create topics (PRESENCE_TOPIC_CREATE=false).",
+)  # fmt: skip
+def create_topics(with_worker: bool) -> None:
+    """Create the product's topics with their configs (the gateway and workers also do this at start, unless
+    PRESENCE_TOPIC_CREATE=false; this command creates them either way)."""
     from core.settings import CommonSettings
-    from core.topics import TopicError, ensure_topics
+    from core.topics import TopicError, TopicSpec, ensure_topics
 
-    settings = _load(CommonSettings)
+    extra: list[TopicSpec] = []
+    if with_worker:
+        from streams.config import WorkerSettings
+        from streams.main import worker_topics
+
+        worker_settings = _load(WorkerSettings)
+        extra = worker_topics(worker_settings)
+        settings: CommonSettings = worker_settings
+    else:
+        settings = _load(CommonSettings)
     try:
-        created = asyncio.run(ensure_topics(settings))
+        created = asyncio.run(ensure_topics(settings.model_copy(update={"topic_create": True}), extra))
     except TopicError as exc:
         _fail(str(exc))
     click.echo(f"created: {', '.join(created)}" if created else "all topics already exist")

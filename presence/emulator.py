@@ -259,10 +259,13 @@ class CallbackSender:
         self.base_ms = 0
         self._rng = random.Random(self.policy.seed)  # noqa: S311 - reproducible losses, not secrets
 
-    async def run(self) -> CallbackStats:
-        """Send every delivery at its time (relative to now); return once each is delivered or given up."""
+    async def run(self, start: float | None = None) -> CallbackStats:
+        """Send every delivery at its time relative to ``start`` (the clock's seconds that the trace's time 0
+        stands for; default now); return once each is delivered or given up. A caller that needs the run's
+        base time before the first delivery (an :class:`ApiEmulator` answering from the same truth) picks
+        ``start`` itself."""
         if self._post is not None:
-            return await self._run(self._post)
+            return await self._run(self._post, start)
         connector = aiohttp.TCPConnector(limit=self.policy.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -277,10 +280,11 @@ class CallbackSender:
                 except (aiohttp.ClientError, TimeoutError):
                     return False
 
-            return await self._run(post)
+            return await self._run(post, start)
 
-    async def _run(self, post: Poster) -> CallbackStats:
-        start = self.clock.now()
+    async def _run(self, post: Poster, start: float | None) -> CallbackStats:
+        if start is None:
+            start = self.clock.now()
         self.base_ms = int(start * 1000)
         slots = asyncio.Semaphore(self.policy.concurrency)
         tasks: set[asyncio.Task[None]] = set()
@@ -412,7 +416,12 @@ class ApiEmulator:
         now = self.clock.now()
         if self.delay:
             await asyncio.sleep(self.delay)
-        form = await request.post()
+        try:
+            form = await request.post()
+        except ConnectionResetError:
+            # The caller went away before its request was read (a worker stopping with checks in flight):
+            # nothing was asked, nothing is answered or recorded.
+            return web.Response(status=400)
         userid = form.get("userId")
         userid = userid if isinstance(userid, str) else ""
         if self.fail_with is not None:

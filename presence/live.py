@@ -1,12 +1,15 @@
 """The live demo of ``presence up``: simulated traffic into the gateway, and a compact view of presence
 changing (online users, transitions/s, lag, latency, the newest transitions) from the worker's metrics and the
-TRANSITIONS topic.
+TRANSITIONS topic. It also serves the emulated RongCloud server API the worker reconciles against, answering from
+the demo traffic's ground truth, and loses a share of the demo's callbacks on purpose so that reconciliation has
+ghosts to correct (shown with the checks and corrections the worker counts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from rich.text import Text
 from core.settings import CommonSettings
 from presence import observe, simulate, trace
 from presence.children import Child
+from presence.emulator import ApiEmulator, GroundTruth
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Snapshot:
     lag: float = 0.0
     latency_buckets: dict[float, float] = field(default_factory=dict)
     gateway_requests: dict[str, float] = field(default_factory=dict)
+    checks: float = 0.0
+    corrections: dict[str, float] = field(default_factory=dict)
     ok: bool = False
 
 
@@ -68,6 +74,10 @@ def parse_metrics(worker_text: str, gateway_text: str) -> Snapshot:
                 snap.lag += value
             elif name == "presence_worker_pipeline_latency_seconds_bucket":
                 snap.latency_buckets[float(labels["le"])] = value
+            elif name == "presence_worker_reconcile_checks_total":
+                snap.checks += value
+            elif name == "presence_worker_reconcile_corrections_total":
+                snap.corrections[labels["kind"]] = value
     for family in text_string_to_metric_families(gateway_text):
         for sample in family.samples:
             if sample.name == "presence_gateway_requests_total":
@@ -107,6 +117,11 @@ class Demo:
     tail_ready: asyncio.Event = field(default_factory=asyncio.Event)
     history: deque[Snapshot] = field(default_factory=lambda: deque(maxlen=12))
     started: float = field(default_factory=time.monotonic)
+    # The emulated server API (None: no reconciliation in this demo) and the share of callbacks lost.
+    api: ApiEmulator | None = None
+    api_port: int = 0
+    lose_callbacks: float = 0.0
+    lost: int = 0
 
     # --- tasks ---------------------------------------------------------------------------------------------
 
@@ -125,8 +140,15 @@ class Demo:
             self.sim_done = True
             return
         generated = await asyncio.to_thread(trace.generate, self.spec)
+        sent = generated
+        if self.api is not None:
+            # The truth is what upstream saw; the gateway hears it minus the lost callbacks.
+            self.api.truth = GroundTruth.from_trace(generated)
+            self.api.base_ms = time.time_ns() // 1_000_000
+            sent = lose(generated, self.lose_callbacks, self.spec.seed)
+            self.lost = len(generated.deliveries) - len(sent.deliveries)
         try:
-            await simulate.send(generated, self.target, concurrency=32, stats=self.stats)
+            await simulate.send(sent, self.target, concurrency=32, stats=self.stats)
         except simulate.GatewayUnreachable as exc:
             self.sim_error = str(exc)
         finally:
@@ -182,7 +204,8 @@ class Demo:
             f"{s.requests} requests ({s.accepted} accepted, {s.rejected} rejected, {s.failed} failed) | worker: "
             f"{snap.online_users:.0f} users online of {snap.users:.0f}, {tps:.1f} transitions/s, "
             f"{eps:.0f} events/s, lag {snap.lag:.0f}, latency p50/p99 {latency} | "
-            f"{self.transitions_seen} transitions on {self.settings.topic_transitions}"
+            f"{self.transitions_seen} transitions on {self.settings.topic_transitions} | "
+            + self.reconcile_line()
         )
 
     def render(self) -> Group:
@@ -232,6 +255,7 @@ class Demo:
                 f"{cause.get('event')} on {cause.get('os')}",
                 ",".join(value.get("platforms") or []) or "-",
             )
+        reconcile = Text(self.reconcile_line(), style="cyan")
         links = Text(
             where_next(self.endpoints, self.settings.kafka_bootstrap_servers, self.logs)
             + "\nCtrl-C stops everything",
@@ -241,11 +265,25 @@ class Demo:
             f"[bold]presence up[/] · {time.monotonic() - self.started:.0f} s · broker "
             f"{self.settings.kafka_bootstrap_servers} · transitions from {self.settings.topic_transitions}"
         )
-        return Group(header, Text(""), numbers, simulator, Text(""), recent, Text(""), links)
+        return Group(header, Text(""), numbers, simulator, reconcile, Text(""), recent, Text(""), links)
+
+    def reconcile_line(self) -> str:
+        if self.api is None:
+            return "reconciliation off"
+        snap = self.current()
+        corrections = (
+            ", ".join(f"{kind} {n:.0f}" for kind, n in sorted(snap.corrections.items()) if n) or "none"
+        )
+        return (
+            f"reconciliation against the emulated RongCloud API {self.api.url or '(starting)'}: "
+            f"{self.lost} callbacks lost on purpose, {snap.checks:.0f} users checked, corrections: {corrections}"
+        )
 
     # --- main ----------------------------------------------------------------------------------------------
 
     async def run(self) -> int:
+        if self.api is not None:
+            await self.api.start(port=self.api_port)
         tasks = [asyncio.create_task(self.tail()), asyncio.create_task(self.poll())]
         try:
             # The tail starts at the current end of TRANSITIONS: wait for it, so the demo's first ones are seen.
@@ -258,6 +296,8 @@ class Demo:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.api is not None:
+                await self.api.stop()
 
     async def _watch(self) -> int:
         live: Live | None = None
@@ -328,3 +368,20 @@ def where_next(endpoints: Endpoints, bootstrap: str, logs: Path) -> str:
         f"  streams    presence tail{b}   ·   presence tail{b} --state --user <userid>   ·   presence topics{b}\n"
         f"  logs       {logs}/gateway.log   {logs}/worker.log"
     )
+
+
+def lose(generated: trace.Trace, share: float, seed: int) -> trace.Trace:
+    """``generated`` without a ``share`` of its deliveries (callbacks upstream gave up on), chosen by ``seed``.
+    A retry of a lost delivery is sent as a request of its own (upstream's retry got through)."""
+    if share <= 0:
+        return generated
+    rng = random.Random(seed)  # noqa: S311 - a reproducible demo, not a secret
+    kept: list[trace.Delivery] = []
+    moved: dict[int, int] = {}
+    for index, delivery in enumerate(generated.deliveries):
+        if rng.random() < share:
+            continue
+        retry_of = moved.get(delivery.retry_of) if delivery.retry_of is not None else None
+        moved[index] = len(kept)
+        kept.append(trace.Delivery(delivery.at_ms, delivery.nonce, delivery.events, retry_of))
+    return trace.Trace(generated.spec, kept, generated.scenarios)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,16 +38,8 @@ async def admin_client(settings: CommonSettings, timeout: float = 10.0) -> Async
         client_id=f"{settings.kafka_client_id_prefix}-cli", request_timeout_ms=int(timeout * 1000),
         **settings.aiokafka_options(),
     )  # fmt: skip
-    try:
-        await asyncio.wait_for(admin.start(), timeout)
-    except (KafkaError, TimeoutError, OSError) as exc:
-        with contextlib.suppress(Exception):
-            await admin.close()
-        raise unreachable(settings, exc) from exc
-    try:
+    async with _running(settings, admin.start, admin.close, timeout):
         yield admin
-    finally:
-        await admin.close()
 
 
 @contextlib.asynccontextmanager
@@ -57,16 +49,28 @@ async def consumer_client(settings: CommonSettings, timeout: float = 10.0) -> As
         isolation_level="read_committed", request_timeout_ms=int(timeout * 1000) + 30_000,
         **settings.aiokafka_options(),
     )  # fmt: skip
+    async with _running(settings, consumer.start, consumer.stop, timeout):
+        yield consumer
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    settings: CommonSettings,
+    start: Callable[[], Awaitable[Any]],
+    stop: Callable[[], Awaitable[Any]],
+    timeout: float,
+) -> AsyncIterator[None]:
+    """A started client, stopped on the way out; one that cannot start is an :class:`InspectError`."""
     try:
-        await asyncio.wait_for(consumer.start(), timeout)
+        await asyncio.wait_for(start(), timeout)
     except (KafkaError, TimeoutError, OSError) as exc:
         with contextlib.suppress(Exception):
-            await consumer.stop()
+            await stop()
         raise unreachable(settings, exc) from exc
     try:
-        yield consumer
+        yield
     finally:
-        await consumer.stop()
+        await stop()
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

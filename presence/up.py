@@ -1,7 +1,12 @@
 """``presence up``: the whole product on one machine — broker, gateway, worker — with a live demo on top.
 
 Order of a run: a broker (reused if one answers, else started), the product's topics, the worker and the gateway
-as child processes (logs in ``<run-dir>/logs``), a simulation through the gateway, and the live view. Stopping
+as child processes (logs in ``<run-dir>/logs``), a simulation through the gateway, and the live view.
+
+Reconciliation runs against an emulated RongCloud server API (:mod:`presence.emulator`, served by this process
+from the demo traffic's ground truth), never against RongCloud's real hosts: the demo's credentials are not an
+app's, and a local run must not spend a real app's API budget. The demo loses a share of its callbacks on purpose
+(``--lose-callbacks``) and checks silent users after a minute, so the live view shows ghosts being corrected. Stopping
 (Ctrl-C, SIGTERM, or any error) goes the other way: gateway (it drains its spool), worker, then the broker if this
 run started it. Children run in their own process groups and get SIGTERM if this process dies, even by SIGKILL.
 """
@@ -24,6 +29,7 @@ from core.contract import WEBHOOK_PATH
 from core.settings import CommonSettings
 from presence import localkafka, simulate, trace
 from presence.children import Child, ChildFailed, presence_command, wait_http_ready
+from presence.emulator import ApiEmulator, GroundTruth
 from presence.live import Demo, Endpoints, where_next
 
 DEMO_APP_KEY = "presence-demo"
@@ -47,6 +53,7 @@ class UpOptions:
     seed: int
     live: bool
     exit_after_demo: bool
+    lose_callbacks: float = 0.0
 
 
 @contextmanager
@@ -92,8 +99,18 @@ def _broker(opts: UpOptions, say: Callable[[str], None]) -> tuple[str, localkafk
     return bootstrap, broker
 
 
-def _child_env(opts: UpOptions, bootstrap: str, app_key: str, secret: str) -> dict[str, str]:
+# Demo thresholds (the product's defaults are hours): a user online and silent for a minute is checked, and
+# again every minute while they stay so. The environment may set others.
+DEMO_RECONCILE = {
+    "PRESENCE_RECONCILE_MAX_SILENCE_SECONDS": "60",
+    "PRESENCE_RECONCILE_RECHECK_INTERVAL_SECONDS": "60",
+}
+
+
+def _child_env(opts: UpOptions, bootstrap: str, app_key: str, secret: str, api_url: str) -> dict[str, str]:
     env = dict(os.environ)
+    for name, value in DEMO_RECONCILE.items():
+        env.setdefault(name, value)
     env.update(
         {
             "PRESENCE_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -106,6 +123,9 @@ def _child_env(opts: UpOptions, bootstrap: str, app_key: str, secret: str) -> di
             "PRESENCE_WORKER_WEB_PORT": str(opts.worker_port),
             "PRESENCE_WORKER_CANONICAL_URL": f"http://127.0.0.1:{opts.worker_port}",
             "PRESENCE_WORKER_DATA_DIR": str((opts.run_dir / "worker").resolve()),
+            # Always the emulator, whatever the environment says: never RongCloud's real hosts from here.
+            "PRESENCE_RECONCILE_ENABLED": "true",
+            "PRESENCE_RECONCILE_API_URLS": api_url,
         }
     )
     env.setdefault("PRESENCE_LOG_FORMAT", "json")
@@ -131,7 +151,9 @@ def run(opts: UpOptions, console: Console) -> int:
             bootstrap, broker = _broker(opts, say)
             app_key = os.environ.get("PRESENCE_APP_KEY") or DEMO_APP_KEY
             secret = os.environ.get("PRESENCE_APP_SECRET") or f"demo-{secrets.token_hex(8)}"
-            env = _child_env(opts, bootstrap, app_key, secret)
+            api_port = localkafka.free_port()
+            api_url = f"http://127.0.0.1:{api_port}"
+            env = _child_env(opts, bootstrap, app_key, secret, api_url)
             settings = CommonSettings(kafka_bootstrap_servers=bootstrap)
             from core.topics import TopicError, ensure_topics
 
@@ -155,7 +177,8 @@ def run(opts: UpOptions, console: Console) -> int:
             say(
                 f"gateway {gateway_url} (webhook POST {path}) · worker {worker_url} · broker {bootstrap}\n"
                 f"credentials for this run: PRESENCE_APP_KEY={app_key} PRESENCE_APP_SECRET={secret}\n"
-                + where_next(endpoints, bootstrap, logs)
+                f"reconciliation asks the emulated RongCloud API at {api_url} (try `presence reconcile "
+                f"--api-url {api_url} <userid>`)\n" + where_next(endpoints, bootstrap, logs)
             )
             spec = None
             if opts.demo_seconds > 0:
@@ -168,10 +191,12 @@ def run(opts: UpOptions, console: Console) -> int:
                     f"(seed {spec.seed}); try `presence simulate --url {endpoints.webhook} --app-key {app_key} "
                     f"--secret {secret}` for more"
                 )
+            api = ApiEmulator(GroundTruth(), app_key=app_key, secret=secret)
             demo = Demo(
                 settings=settings, endpoints=endpoints,
                 target=simulate.Target(endpoints.webhook, app_key, secret), spec=spec, children=children,
                 console=console, live=opts.live, exit_after_demo=opts.exit_after_demo, logs=logs,
+                api=api, api_port=api_port, lose_callbacks=opts.lose_callbacks,
             )  # fmt: skip
             return asyncio.run(demo.run())
         except KeyboardInterrupt:

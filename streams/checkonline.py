@@ -463,12 +463,17 @@ def client_from_settings(
     )
 
 
+def shared_gap_cap(gap_cap: int, share: float) -> int:
+    """This worker's part of the deployment's per-gap cap (at least one check while the cap is not 0)."""
+    return max(1, round(gap_cap * share)) if gap_cap else 0
+
+
 def queue_from_settings(settings: WorkerSettings, *, share: float = 1.0) -> CheckQueue:
     """The check queue; an intake gap's cap is shared among the workers like the budget."""
     return CheckQueue(
         recheck_interval_ms=int(settings.reconcile_recheck_interval_seconds * 1000),
         capacity=settings.reconcile_queue_capacity,
-        gap_cap=max(1, round(settings.reconcile_gap_cap * share)) if settings.reconcile_gap_cap else 0,
+        gap_cap=shared_gap_cap(settings.reconcile_gap_cap, share),
         max_attempts=settings.reconcile_attempts,
     )
 
@@ -531,6 +536,12 @@ class Reconciler:
             self._wake.set()
             self._report_depth()
         return result
+
+    def resize(self, owned: int, total: int, *, gap_cap: int) -> None:
+        """After a rebalance: take the share of ``owned`` out of ``total`` partitions of the deployment's budget
+        and of each intake gap's cap (``gap_cap`` for the whole deployment)."""
+        self.client.budget.resize(owned, total)
+        self.queue.gap_cap = shared_gap_cap(gap_cap, self.client.budget.share)
 
     def _report_depth(self) -> None:
         if self._metrics:

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from core.contract import GAP_REASONS
+
 # M3: the os label only takes upstream's five platforms, anything else is "other".
 # The query API's routes, by their templates (a closed set: the user id is never a label).
-QUERY_ROUTES = ("/presence/{userid}", "/presence:batch", "/metrics", "/healthz", "/readyz")
+QUERY_ROUTES = (
+    "/presence/{userid}",
+    "/presence:batch",
+    "/presence:reconcile",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+)
 KNOWN_PLATFORMS = ("iOS", "Android", "Websocket", "PC", "MiniProgram")
 OUTCOMES = ("applied", "duplicate", "stale", "invalid")
 STATUSES = ("online", "offline", "logged_out")
+GAP_REASON_LABELS = (*GAP_REASONS, "other")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _QUERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -85,6 +95,13 @@ class WorkerMetrics:
             "presence_worker_recovery_seconds",
             "Time from a rebalance to processing again (table recovery from the changelog included).",
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        # The histogram's rate needs two recoveries in a window to show one; a gauge shows the last at once, and
+        # max_over_time gives the longest within any window.
+        self.last_recovery_seconds = Gauge(
+            "presence_worker_last_recovery_seconds",
+            "Duration of this worker's most recent recovery (rebalance to processing again).",
             registry=r,
         )
         self.pipeline_latency = Histogram(
@@ -165,3 +182,12 @@ class WorkerMetrics:
             "1 when the worker has partitions assigned and recovered and is processing, else 0.",
             registry=r,
         )
+        # --- reconciliation (docs/reconciliation.md; the checker's own are presence_worker_reconcile_*) ---
+        self.intake_gaps = Counter(
+            "presence_worker_intake_gaps_total",
+            "Intake-gap markers read from RAW (one per partition per gap), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in GAP_REASON_LABELS:
+            self.intake_gaps.labels(reason)

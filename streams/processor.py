@@ -13,13 +13,20 @@ Stream time per partition is kept in memory and stored with every record the par
 costs no write of its own: the restored stream time is the largest one among the restored records, read while
 the index is rebuilt. A record deleted by a sweep takes its stream time with it, so before a deletion the
 partition's stream time is also written under a reserved key.
+
+Reconciliation (R1-R5, docs/reconciliation.md) asks this class for users worth a check with RongCloud: users shown
+online and silent for ``max_silence`` come from a second in-memory index kept beside the sweep index (built in
+the same pass, updated on every write, by wall-clock due time; :meth:`Processor.age_checks`), so no tick scans the
+table. They go to a :class:`~streams.reconcile.CheckSink`, the worker's checker. A gateway's intake-gap marker
+on RAW is set aside (:meth:`Processor.take_gaps`) for the runtime to scan the partition's records outside the
+agent (:meth:`Processor.gap_candidates`): scanning a partition is too slow to do between two messages.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -29,6 +36,7 @@ from core import contract
 from core.contract import MAX_USERID_LENGTH
 from streams import rules
 from streams.metrics import WorkerMetrics, platform_label
+from streams.reconcile import AgePolicy, CheckSink, gap_rank
 from streams.rules import PresenceConfig, Transition, UserRecord
 
 OutTopic = Literal["transitions", "state", "dlq"]
@@ -248,6 +256,17 @@ class Processor:
         self._advanced_at: dict[int, int] = {}
         # Gauges per partition: users, online users, sessions, online sessions by platform.
         self._counts: dict[int, _Counts] = {}
+        # Reconciliation (off until enable_reconciliation): where checks go, and the age index per partition.
+        self._checks: CheckSink | None = None
+        self._age: AgePolicy | None = None
+        self._age_index: dict[int, _DueIndex] = {}
+        self._gaps: list[tuple[int, contract.GapMarker]] = []
+
+    def enable_reconciliation(self, checks: CheckSink, age: AgePolicy | None) -> None:
+        """Offer users worth a check to ``checks``: ``age`` ones by ``age`` (None: no age checks)."""
+        self._checks = checks
+        self._age = age
+        self.forget_all()  # the indexes are rebuilt with the age index on next use
 
     # --- messages -------------------------------------------------------------------------------------------
 
@@ -259,12 +278,17 @@ class Processor:
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
-            event = contract.decode_raw(key, value, delivery_id=source)
+            event = contract.decode_raw_record(key, value, delivery_id=source)
+            if isinstance(event, contract.Observation):
+                raise contract.InvalidRaw("invalid_raw", "observations are not applied by this worker yet")
         except contract.InvalidRaw as exc:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
                 self._metrics.dead_letters.labels(exc.reason).inc()
             return [dead_letter(exc.reason, str(exc), key, value, now_ms)]
+        if isinstance(event, contract.GapMarker):
+            self._on_gap(partition, event)
+            return []
         self._ensure_index(partition)
         stream_time = self._stream_time[partition]
         if event.time > stream_time:
@@ -366,16 +390,24 @@ class Processor:
             self._scheduled.pop(partition, None)
             self._advanced_at.pop(partition, None)
             self._counts.pop(partition, None)
+            self._age_index.pop(partition, None)
         self._publish_gauges()
 
     def forget_all(self) -> None:
         self.forget(list(self._due))
+
+    def ensure_indexed(self, partitions: Iterable[int]) -> None:
+        """Build the in-memory indexes of owned ``partitions`` not built yet (one pass over each one's records;
+        a quiet partition is otherwise indexed by its first message)."""
+        for partition in partitions:
+            self._ensure_index(partition)
 
     def _ensure_index(self, partition: int) -> None:
         if partition in self._due:
             return
         scheduled: dict[str, int] = {}
         counts = _Counts()
+        age = _DueIndex() if self._age is not None else None
         stored_time = self._table.get(f"{STREAM_TIME_KEY}{partition}")
         stream_time = int(stored_time) if stored_time else 0
         # One pass over the partition's records: sweep index, gauges and the stream time they were written at.
@@ -390,6 +422,10 @@ class Processor:
             due = rules.next_sweep_at(record, self._config)
             if due is not None:
                 scheduled[userid] = due
+            if age is not None:
+                age.set(userid, self._age_due(record))
+        if age is not None:
+            self._age_index[partition] = age
         self._stream_time[partition] = stream_time
         self._due[partition] = _heap_of(scheduled)
         self._scheduled[partition] = scheduled
@@ -413,9 +449,11 @@ class Processor:
             self._table[f"{STREAM_TIME_KEY}{partition}"] = str(stream_time).encode()
             self._table.pop(userid, None)
             self._schedule(partition, userid, None)
+            self._schedule_age(partition, userid, None)
             return
         self._table[userid] = encode_record(new, applied, stream_time)
         self._schedule(partition, userid, rules.next_sweep_at(new, self._config))
+        self._schedule_age(partition, userid, new)
 
     def _schedule(self, partition: int, userid: str, due: int | None) -> None:
         heap = self._due.get(partition)
@@ -504,6 +542,86 @@ class Processor:
             self._schedule(partition, userid, due)
         return out
 
+    # --- reconciliation -------------------------------------------------------------------------------------
+
+    def _age_due(self, record: UserRecord) -> int | None:
+        """When ``record``'s user is due an ``age`` check if nothing changes (None: not while not shown online)."""
+        if self._age is None or record.status != "online":
+            return None
+        return self._age.due(record.last_seen, None)
+
+    def _schedule_age(self, partition: int, userid: str, record: UserRecord | None) -> None:
+        index = self._age_index.get(partition)
+        if index is not None:
+            index.set(userid, None if record is None else self._age_due(record))
+
+    def _on_gap(self, partition: int, marker: contract.GapMarker) -> None:
+        if self._metrics:
+            reason = marker.reason if marker.reason in contract.GAP_REASONS else "other"
+            self._metrics.intake_gaps.labels(reason).inc()
+        if self._checks is not None:
+            self._ensure_index(partition)  # owned from now on, even if the marker is its first message
+            self._gaps.append((partition, marker))
+
+    def take_gaps(self) -> list[tuple[int, contract.GapMarker]]:
+        """The intake-gap markers read since the last call (with their partitions), for the runtime to scan.
+        Those of partitions no longer owned are left out: their new owner reads the markers it has not
+        committed past."""
+        gaps, self._gaps = self._gaps, []
+        return [(partition, marker) for partition, marker in gaps if partition in self._due]
+
+    def gap_candidates(
+        self, partition: int, marker: contract.GapMarker, lookback_ms: int
+    ) -> Iterator[tuple[str, int | None]]:
+        """Every user of ``partition`` with the rank an intake gap gives them (``gap_rank``: 0 shown online since
+        before the gap, 1 heard of shortly before or during it, None not worth a check), in table order. One
+        pass over the partition's records; a generator, so the caller can pause between records."""
+        for userid, value in self._records_of_partition(partition):
+            if not is_user_key(userid):
+                continue
+            record = decode_record(value)
+            if record is None:
+                continue
+            online = record.status == "online"
+            since = min((s.since for s in record.sessions.values() if s.status == "online"), default=None)
+            yield (
+                userid,
+                gap_rank(
+                    shown_online=online,
+                    online_since_ms=since,
+                    last_event_ms=record.last_seen,
+                    gap_start_ms=marker.start,
+                    gap_end_ms=marker.end,
+                    lookback_ms=lookback_ms,
+                ),
+            )
+
+    def age_checks(self, now_ms: int, limit: int = 10_000) -> int:
+        """Offer an ``age`` check of every indexed user shown online whose silence reached ``max_silence`` by
+        ``now_ms`` (wall clock: a quiet partition's stream time stands still, and a ghost is silent by
+        definition); at most ``limit`` per call. Each offered user is filed again one recheck interval later
+        (the queue skips a user checked within it), so a user who stays online and silent is offered once per
+        interval. Returns how many were offered."""
+        age, checks = self._age, self._checks
+        if age is None or checks is None:
+            return 0
+        offered = 0
+        for index in self._age_index.values():
+            for userid in index.pop_due(now_ms, limit - offered):
+                record = decode_record(self._table.get(userid))
+                due = None if record is None else self._age_due(record)
+                if due is None:
+                    continue
+                if due > now_ms:
+                    index.set(userid, due)  # the index was behind the record
+                    continue
+                checks.offer(userid, "age")
+                offered += 1
+                index.set(userid, now_ms + age.recheck_interval_ms)
+            if offered >= limit:
+                break
+        return offered
+
     def publish_gauges(self) -> None:
         """Set the users/sessions gauges from the per-partition counts (called periodically, not per event)."""
         self._publish_gauges()
@@ -527,6 +645,42 @@ def _heap_of(scheduled: Mapping[str, int]) -> list[tuple[int, str]]:
     heap = [(due, userid) for userid, due in scheduled.items()]
     heapq.heapify(heap)
     return heap
+
+
+class _DueIndex:
+    """Users by due time: a heap with at most one live entry per user (stale entries are skipped when popped
+    and dropped when the heap outgrows twice the live ones)."""
+
+    __slots__ = ("heap", "due")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, str]] = []
+        self.due: dict[str, int] = {}
+
+    def set(self, userid: str, due: int | None) -> None:
+        if due is None:
+            self.due.pop(userid, None)
+            return
+        if self.due.get(userid) == due:
+            return
+        self.due[userid] = due
+        heapq.heappush(self.heap, (due, userid))
+        if len(self.heap) > 2 * len(self.due) + _HEAP_SLACK:
+            self.heap[:] = _heap_of(self.due)
+
+    def pop_due(self, now: int, limit: int) -> list[str]:
+        """Remove and return up to ``limit`` users due at or before ``now``, earliest first."""
+        out: list[str] = []
+        heap, due = self.heap, self.due
+        while heap and heap[0][0] <= now and len(out) < limit:
+            at, userid = heapq.heappop(heap)
+            if due.get(userid) == at:
+                del due[userid]
+                out.append(userid)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.due)
 
 
 class _Counts:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Final
+from typing import Final, Protocol
 
 from core.contract import OBSERVATION_SOURCES, ObservationSource
 
@@ -57,6 +58,37 @@ class Offer(StrEnum):
 
 
 OFFER_RESULTS: Final = tuple(o.value for o in Offer)
+
+
+class CheckSink(Protocol):
+    """Where the stream's reasons for a check go (the worker's :class:`~streams.checkonline.Reconciler`)."""
+
+    def offer(
+        self,
+        userid: str,
+        source: ObservationSource,
+        *,
+        rank: int = 0,
+        fresh_after: int | None = None,
+        gap: str | None = None,
+    ) -> Offer: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AgePolicy:
+    """When a user shown online is due an ``age`` check: silent for ``max_silence_ms``, then again every
+    ``recheck_interval_ms`` while they stay online and silent (:func:`next_age_check_at`)."""
+
+    max_silence_ms: int
+    recheck_interval_ms: int
+
+    def due(self, last_event_ms: int, verified_at_ms: int | None) -> int:
+        return next_age_check_at(
+            last_event_ms=last_event_ms,
+            verified_at_ms=verified_at_ms,
+            max_silence_ms=self.max_silence_ms,
+            recheck_interval_ms=self.recheck_interval_ms,
+        )
 
 
 class CheckQueue:
@@ -297,3 +329,16 @@ def gap_rank(
     if last_event_ms is not None and gap_start_ms - lookback_ms <= last_event_ms <= gap_end_ms:
         return 1
     return None
+
+
+def offer_gap_checks(sink: CheckSink, gap_id: str, gap_end_ms: int, ranked: Iterable[tuple[str, int]]) -> int:
+    """Offer an intake gap's users to ``sink``, most urgent rank first, until the gap's cap is reached; a check
+    sent after the gap ended satisfies each. Returns how many were queued (or raised)."""
+    queued = 0
+    for userid, rank in sorted(ranked, key=lambda item: item[1]):
+        result = sink.offer(userid, "intake_gap", rank=rank, fresh_after=gap_end_ms, gap=gap_id)
+        if result is Offer.GAP_CAP:
+            break
+        if result in (Offer.QUEUED, Offer.RAISED):
+            queued += 1
+    return queued

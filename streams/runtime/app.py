@@ -15,6 +15,10 @@ to the client, so a crash re-delivers every record whose outputs may be missing.
 Re-applying such a message either recomputes the same transitions from the same record (same epoch, seq and
 content), or finds the event already applied and re-sends the transitions it caused from the record's memory.
 ``emitted_at`` is the only field that may differ in a repeat.
+
+Reconciliation (docs/reconciliation.md), when active: a checker task asks RongCloud about the users the stream
+doubts, within this worker's share of the deployment's budget (its share of the partitions, resized on every
+rebalance), and publishes each answer to RAW with the worker's own producer; the agent applies it like an event.
 """
 
 from __future__ import annotations
@@ -28,10 +32,18 @@ from typing import Any
 
 import faust
 
-from core.contract import partition_of
+from core.contract import GapMarker, Observation, partition_of
+from streams.checkonline import (
+    ReconcileMetrics,
+    Reconciler,
+    client_from_settings,
+    publish_observation,
+    queue_from_settings,
+)
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
 from streams.processor import Outgoing, Processor, TransitionTally
+from streams.reconcile import AgePolicy, offer_gap_checks
 from streams.runtime import delivery, fixes, internals, versions
 from streams.runtime.delivery import BatchMessage
 from streams.runtime.fixes import CommitGate
@@ -77,7 +89,9 @@ def new_faust_app(settings: WorkerSettings) -> faust.App:
         datadir=str(settings.worker_data_dir),
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
-        topic_allow_declare=True,
+        # The worker's own topics are made (or, with PRESENCE_TOPIC_CREATE=false, checked) before the app starts;
+        # without Create rights Faust must not try to declare them again.
+        topic_allow_declare=settings.topic_create,
         web_enabled=True,
         web_bind=settings.worker_web_bind,
         web_port=settings.worker_web_port,
@@ -117,6 +131,7 @@ class Worker:
     table: UsersTable
     gate: CommitGate
     progress: Progress
+    reconciler: Reconciler | None = None
 
 
 def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> Worker:
@@ -136,9 +151,11 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     _add_agent(worker)
     _add_rebalance_handlers(worker)
     _add_ticker(worker)
+    _add_reconciler(worker)
     register_views(
-        app, settings, table, metrics, is_ready=lambda: worker.progress.ready and not app.rebalancing
-    )
+        app, settings, table, metrics, is_ready=lambda: worker.progress.ready and not app.rebalancing,
+        reconciler=worker.reconciler,
+    )  # fmt: skip
     return worker
 
 
@@ -331,3 +348,89 @@ def _add_ticker(worker: Worker) -> None:
             assigned, consumer.highwater, lambda tp: internals.committed_offset(consumer, tp)
         )
         worker.processor.publish_gauges()
+
+
+def _add_reconciler(worker: Worker) -> None:
+    """Reconciliation when active: the checker task, its budget share per rebalance, ``age`` offers on a timer."""
+    app: Any = worker.app
+    settings = worker.settings
+    if not settings.reconcile_active:
+        return
+    metrics = ReconcileMetrics(worker.metrics.registry)
+    # No partitions yet, so no share of the budget: nothing is checked before the first assignment.
+    client = client_from_settings(settings, share=0.0, metrics=metrics)
+
+    async def publish(observation: Observation) -> None:
+        # The worker's own producer (the agent's client): the observation lands in the user's partition.
+        await publish_observation(internals.kafka_client(app.producer), settings.topic_raw, observation)
+
+    reconciler = Reconciler(
+        queue_from_settings(settings, share=0.0),
+        client,
+        publish,
+        concurrency=settings.reconcile_concurrency,
+        metrics=metrics,
+    )
+    worker.reconciler = reconciler
+    worker.processor.enable_reconciliation(
+        reconciler,
+        AgePolicy(
+            max_silence_ms=int(settings.reconcile_max_silence_seconds * 1000),
+            recheck_interval_ms=int(settings.reconcile_recheck_interval_seconds * 1000),
+        ),
+    )
+    signals: Any = worker.app
+
+    @signals.on_partitions_revoked.connect  # type: ignore[untyped-decorator]
+    async def pause_checks(sender: Any, revoked: Iterable[Any], **kwargs: Any) -> None:
+        reconciler.resize(0, settings.topic_partitions, gap_cap=settings.reconcile_gap_cap)
+
+    @signals.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
+    async def take_share(sender: Any, assigned: Iterable[Any], **kwargs: Any) -> None:
+        owned = {tp.partition for tp in assigned if tp.topic == settings.topic_raw}
+        reconciler.resize(len(owned), settings.topic_partitions, gap_cap=settings.reconcile_gap_cap)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def check_users() -> None:
+        try:
+            await reconciler.run()
+        finally:
+            await client.aclose()
+
+    lookback_ms = int(settings.reconcile_gap_lookback_seconds * 1000)
+    scans: set[asyncio.Task[None]] = set()
+
+    async def scan_gap(partition: int, marker: GapMarker) -> None:
+        """One pass over the partition's records, pausing every few hundred so the agent keeps going."""
+        ranked: list[tuple[str, int]] = []
+        try:
+            for n, (userid, rank) in enumerate(
+                worker.processor.gap_candidates(partition, marker, lookback_ms)
+            ):
+                if rank is not None:
+                    ranked.append((userid, rank))
+                if n % 500 == 499:
+                    await asyncio.sleep(0)
+        except Exception:
+            # The partition may have been revoked (its store closed) meanwhile; its new owner reads the marker.
+            log.warning("scanning for an intake gap stopped", exc_info=True, extra={"partition": partition})
+            return
+        queued = offer_gap_checks(reconciler, marker.id, marker.end, ranked)
+        log.info(
+            "intake gap: users queued for a check",
+            extra={"gap": marker.id, "reason": marker.reason, "partition": partition,
+                   "candidates": len(ranked), "queued": queued},
+        )  # fmt: skip
+
+    @app.timer(settings.worker_tick_interval_seconds)  # type: ignore[untyped-decorator]
+    async def offer_checks() -> None:
+        # Only with the table recovered: the indexes are built from it.
+        if app.rebalancing or not app.consumer or not worker.progress.ready:
+            return
+        owned = [tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_raw]
+        worker.processor.ensure_indexed(owned)
+        worker.processor.age_checks(_now_ms())
+        for partition, marker in worker.processor.take_gaps():
+            task = asyncio.create_task(scan_gap(partition, marker))
+            scans.add(task)
+            task.add_done_callback(scans.discard)

@@ -36,7 +36,9 @@ class Progress:
         self.ready = True
         self.metrics.ready.set(1)
         if self._rebalance_started is not None:
-            self.metrics.recovery_seconds.observe(self._clock() - self._rebalance_started)
+            took = self._clock() - self._rebalance_started
+            self.metrics.recovery_seconds.observe(took)
+            self.metrics.last_recovery_seconds.set(took)
             self._rebalance_started = None
 
     def revoked(self) -> None:

@@ -3,6 +3,10 @@
 A user's record lives in the worker owning the user's partition; a request reaching another worker is
 forwarded once to the owner (marked with :data:`ROUTED_HEADER` so it is never forwarded again). Every request is
 counted and timed by route template and status (``presence_worker_query_*``).
+
+``POST /presence:reconcile`` (token-protected like the queries) queues on-demand checks with RongCloud
+(docs/reconciliation.md): each user's check is queued by the worker owning the user, whose share of the budget
+pays for it, and the answer reaches the user's record as an observation on RAW.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.contract import MAX_QUERY_BATCH, USERS_TABLE, changelog_topic, partition_of
+from streams.checkonline import Reconciler
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
 from streams.processor import state_of
@@ -108,16 +113,41 @@ class Query:
 
     async def batch(self, view: View, request: Request) -> Response:
         """Q2: the records of up to MAX_QUERY_BATCH users; unknown users are left out."""
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return view.json({"error": 'body must be JSON: {"userids": [...]}'}, status=400)
-        userids = body.get("userids") if isinstance(body, dict) else None
-        if not isinstance(userids, list) or not all(isinstance(u, str) and u for u in userids):
-            return view.json({"error": 'body must be {"userids": [non-empty strings]}'}, status=400)
-        if len(userids) > MAX_QUERY_BATCH:
-            return view.json({"error": f"at most {MAX_QUERY_BATCH} user ids per request"}, status=413)
-        records: dict[str, Any] = {}
+        userids, refusal = await _userids(view, request)
+        if refusal is not None:
+            return refusal
+        return await self._by_owner(view, request, userids, "/presence:batch", "records", 200, self._local)
+
+    async def reconcile(self, view: View, request: Request, reconciler: Reconciler | None) -> Response:
+        """Queue an on-demand check of up to MAX_QUERY_BATCH users at the workers owning them (202): what each
+        worker's queue did with each user (``queued``, ``raised``, ``duplicate``, ``full``)."""
+        if reconciler is None:
+            return view.json(
+                {"error": "reconciliation is off (PRESENCE_RECONCILE_ENABLED, or no app key and secret)"},
+                status=409,
+            )
+        userids, refusal = await _userids(view, request)
+        if refusal is not None:
+            return refusal
+        return await self._by_owner(
+            view, request, userids, "/presence:reconcile", "queued", 202,
+            lambda userid: reconciler.offer(userid, "on_demand").value,
+        )  # fmt: skip
+
+    async def _by_owner(
+        self,
+        view: View,
+        request: Request,
+        userids: list[str],
+        path: str,
+        field: str,
+        status: int,
+        local: Callable[[str], Any],
+    ) -> Response:
+        """``local`` for each of ``userids`` this worker owns, ``path`` at the owners of the others; answer
+        ``{field: {userid: result}}`` (results that are None left out). A request routed here by another worker
+        is answered locally: its sender already found the owner."""
+        results: dict[str, Any] = {}
         remote: dict[str, list[str]] = defaultdict(list)
         routed = request.headers.get(ROUTED_HEADER) is not None
         for userid in dict.fromkeys(userids):
@@ -125,21 +155,33 @@ class Query:
             if owner is None and not routed:
                 return view.json(_REASSIGNING, status=503)
             if owner is None or owner == self._me:
-                record = self._local(userid)
-                if record is not None:
-                    records[userid] = record
+                result = local(userid)
+                if result is not None:
+                    results[userid] = result
             else:
                 remote[owner].append(userid)
         for owner_url, ids in remote.items():
             async with self._app.http_client.post(
-                f"{owner_url}/presence:batch",
-                data=orjson.dumps({"userids": ids}),
-                headers=self._forward_headers(),
+                f"{owner_url}{path}", data=orjson.dumps({"userids": ids}), headers=self._forward_headers()
             ) as response:
-                if response.status != 200:
+                if response.status != status:
                     return view.json({"error": f"owner {owner_url} answered {response.status}"}, status=502)
-                records.update((await response.json())["records"])
-        return view.json({"records": records})
+                results.update((await response.json())[field])
+        return view.json({field: results}, status=status)
+
+
+async def _userids(view: View, request: Request) -> tuple[list[str], Response | None]:
+    """The ``{"userids": [...]}`` body of Q2 and the reconcile endpoint, or the 400/413 answer refusing it."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return [], view.json({"error": 'body must be JSON: {"userids": [...]}'}, status=400)
+    userids = body.get("userids") if isinstance(body, dict) else None
+    if not isinstance(userids, list) or not all(isinstance(u, str) and u for u in userids):
+        return [], view.json({"error": 'body must be {"userids": [non-empty strings]}'}, status=400)
+    if len(userids) > MAX_QUERY_BATCH:
+        return [], view.json({"error": f"at most {MAX_QUERY_BATCH} user ids per request"}, status=413)
+    return userids, None
 
 
 def register_views(
@@ -148,8 +190,10 @@ def register_views(
     table: Mapping[str, bytes],
     metrics: WorkerMetrics,
     is_ready: Callable[[], bool],
+    reconciler: Reconciler | None = None,
 ) -> None:
-    """Add the query API, ``/metrics``, ``/healthz`` and ``/readyz`` to ``app``'s web server."""
+    """Add the query API, the reconcile endpoint, ``/metrics``, ``/healthz`` and ``/readyz`` to ``app``'s web
+    server (``reconciler`` None: reconciliation is off and the endpoint says so)."""
     query = Query(app, settings, table)
     measured = _measured_view(metrics)
 
@@ -161,6 +205,9 @@ def register_views(
 
     async def presence_batch(view: View, request: Request) -> Response:
         return query.unauthorized(view, request) or await query.batch(view, request)
+
+    async def presence_reconcile(view: View, request: Request) -> Response:
+        return query.unauthorized(view, request) or await query.reconcile(view, request, reconciler)
 
     async def metrics_page(view: View, request: Request) -> Response:
         # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition.
@@ -177,6 +224,7 @@ def register_views(
 
     page("/presence/{userid}", "PresenceView", get=presence)
     page("/presence:batch", "PresenceBatchView", post=presence_batch)
+    page("/presence:reconcile", "PresenceReconcileView", post=presence_reconcile)
     page("/metrics", "MetricsView", get=metrics_page)
     page("/healthz", "HealthView", get=healthz)
     page("/readyz", "ReadyView", get=readyz)

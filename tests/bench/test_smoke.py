@@ -86,3 +86,42 @@ def test_memory(tmp_path: Path) -> None:
     doc = _load(tmp_path, "memory")
     assert _positive(doc["memory"]["rss_mib_loaded"])
     assert _positive(doc["memory"]["state_dir_mib"])
+
+
+def test_ghosts(tmp_path: Path) -> None:
+    from bench import ghosts
+
+    ghosts.run(smoke=True, out_dir=tmp_path)
+    doc = _load(tmp_path, "ghosts")
+    assert doc["settings"]["users"] > 0 and doc["settings"]["events"] > 0
+    assert set(doc["targets"]) == {
+        "wrong_time_on_vs_off",
+        "longest_ghost_on_s",
+        "outage_ghosts_cleared_s",
+        "api_peak_vs_budget",
+        "api_calls_while_nothing_to_check",
+        "wrong_corrections",
+    }
+    off = doc["modes"]["off"]
+    # Callbacks were lost (1 %) and the outage dropped some: the run did what it says.
+    assert off["callbacks"]["delivered"] > 0 and off["callbacks"]["lost"] + off["callbacks"]["dropped"] > 0
+    assert off["outage"]["seconds"] >= doc["settings"]["outage_seconds"]
+    assert off["transitions"] > 0
+    assert off["api"]["calls"] == 0, "reconciliation off, yet the worker called the API"
+    for mode in doc["modes"].values():
+        if "skipped" in mode:
+            continue
+        score = mode["score"]
+        assert 0 <= score["ghost_online_share"] <= 1 and 0 <= score["ghost_offline_share"] <= 1
+        assert score["wrong_share"] == pytest.approx(
+            score["ghost_online_share"] + score["ghost_offline_share"]
+        )
+        assert score["users"] == doc["settings"]["users"] or score["users"] > 0
+        assert score["wrong_corrections"] >= 0 and score["ghosts"]["count"] >= score["ghosts"]["open_at_end"]
+    on = doc["modes"]["on"]
+    if "skipped" in on:
+        # Until the worker runs reconciliation, the on run says why it did not run and no target is judged.
+        assert all(t["met"] is None for t in doc["targets"].values())
+    else:
+        assert on["reconciliation_wired"] is True
+        assert all(isinstance(t["met"], bool) for t in doc["targets"].values())

@@ -77,6 +77,33 @@ async def test_d2_partition_count_mismatch_is_an_error_that_says_what_to_do(
         raise AssertionError("a partition-count mismatch must be refused")
 
 
+async def test_d2_without_topic_creation_missing_topics_are_an_error_naming_what_to_create(
+    common_settings: CommonSettings,
+) -> None:
+    """PRESENCE_TOPIC_CREATE=false (Describe rights only): nothing is created, the error lists each missing topic
+    with its layout and configs; once an administrator created them, the same call passes."""
+    describe_only = common_settings.model_copy(update={"topic_create": False})
+    try:
+        await ensure_topics(describe_only)
+    except TopicError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("missing topics must be refused when creation is off")
+    for spec in product_topics(common_settings):
+        assert f"{spec.name} (partitions {spec.partitions}, replication factor 1" in message
+    assert "cleanup.policy=compact" in message and "presence create-topics" in message
+    admin = AIOKafkaAdminClient(**common_settings.aiokafka_options())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    assert not existing & {spec.name for spec in product_topics(common_settings)}, "nothing was created"
+
+    assert len(await ensure_topics(common_settings)) == 4
+    assert await ensure_topics(describe_only) == []
+
+
 async def test_unreachable_broker_error_names_the_setting(common_settings: CommonSettings) -> None:
     from presence.localkafka import free_port
 

@@ -14,6 +14,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import GatewayMetrics
+from streams.checkonline import ReconcileMetrics
 from streams.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,12 +140,22 @@ CADVISOR_KUBELET_METRICS = frozenset(
 EXTERNAL_METRICS = frozenset({"up"}) | KAFKA_EXPORTER_METRICS | KUBE_STATE_METRICS | CADVISOR_KUBELET_METRICS
 
 
+#: The prefix of the series a worker exports only while it reconciles (PRESENCE_RECONCILE_ENABLED).
+RECONCILE_PREFIX = "presence_worker_reconcile_"
+
+
 def exported_names() -> set[str]:
-    """Every series name the gateway and the worker expose, as Prometheus stores them."""
+    """Every series name the gateway and the worker expose, as Prometheus stores them.
+
+    The worker's reconciliation metrics (``presence_worker_reconcile_*``) are defined by ``ReconcileMetrics``, the
+    contract the worker registers in its registry when it reconciles; they are read from that class, like the
+    others, so a renamed one breaks the dashboards' and alerts' tests.
+    """
     names: set[str] = set()
     registries: list[CollectorRegistry] = [
         GatewayMetrics(process_metrics=False).registry,
         WorkerMetrics().registry,
+        ReconcileMetrics().registry,
     ]
     for registry in registries:
         for family in registry.collect():

@@ -70,12 +70,28 @@ def one(manifests: Manifests, kind: str, component: str | None = None) -> dict[s
 
 @cache
 def crd_schemas() -> dict[str, dict[str, Any]]:
+    """The custom resources' schemas by apiVersion and kind: prometheus-operator's, and Strimzi's KafkaTopic and
+    KafkaUser (kafka.strimzi.io/v1beta2, generated from Strimzi's artefacts by scripts/install-tools)."""
     schemas = {}
-    for name in ("servicemonitors", "prometheusrules"):
-        crd = yaml.safe_load(tool_file(f"crds/monitoring.coreos.com_{name}.yaml").read_text())
-        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-        schemas[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
+    for file, version_name in (
+        ("monitoring.coreos.com_servicemonitors", "v1"),
+        ("monitoring.coreos.com_prometheusrules", "v1"),
+        ("kafka.strimzi.io_kafkatopics", "v1beta2"),
+        ("kafka.strimzi.io_kafkausers", "v1beta2"),
+    ):
+        crd = yaml.safe_load(tool_file(f"crds/{file}.yaml").read_text())
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == version_name)
+        api_version = f"{crd['spec']['group']}/{version_name}"
+        schemas[f"{api_version} {crd['spec']['names']['kind']}"] = version["schema"]["openAPIV3Schema"]
     return schemas
+
+
+def crd_schema(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    schema = crd_schemas().get(f"{manifest['apiVersion']} {manifest['kind']}")
+    group = manifest["apiVersion"].split("/")[0]
+    if schema is None and group in ("monitoring.coreos.com", "kafka.strimzi.io"):
+        pytest.fail(f"no CRD schema for {manifest['apiVersion']} {manifest['kind']}")
+    return schema
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +107,12 @@ def rendered(helm: Path) -> Callable[[str], Manifests]:
 
 
 def test_every_scenario_is_present() -> None:
-    assert SCENARIOS == ["external-kafka-values.yaml", "minimal-values.yaml", "production-values.yaml"]
+    assert SCENARIOS == [
+        "external-kafka-values.yaml",
+        "minimal-values.yaml",
+        "production-values.yaml",
+        "strimzi-values.yaml",
+    ]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -114,8 +135,8 @@ def test_rendered_manifests_match_the_kubernetes_schemas(
     assert len(manifests) >= 10
     for manifest in manifests:
         where = f"{manifest['kind']} {manifest['metadata']['name']}"
-        if manifest["apiVersion"].startswith("monitoring.coreos.com/"):
-            schema = crd_schemas()[manifest["kind"]]
+        schema = crd_schema(manifest)
+        if schema is not None:
             errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(manifest), key=str)
             assert not errors, f"{where}: {errors[0].message} at {list(errors[0].absolute_path)}"
             continue
@@ -134,7 +155,9 @@ def test_the_crd_check_rejects_a_bad_prometheus_rule() -> None:
         "metadata": {"name": "x"},
         "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "for": "often"}]}]},
     }
-    assert list(jsonschema.Draft7Validator(crd_schemas()["PrometheusRule"]).iter_errors(bad))
+    assert list(
+        jsonschema.Draft7Validator(crd_schemas()["monitoring.coreos.com/v1 PrometheusRule"]).iter_errors(bad)
+    )
 
 
 def test_the_kubernetes_check_rejects_an_unknown_field() -> None:
@@ -681,14 +704,270 @@ def test_explicit_names_win_and_the_scrape_labels_follow_them(rendered: Callable
 
 
 def test_topics_can_be_left_to_someone_else(helm: Path) -> None:
-    def ensure(values: dict[str, str]) -> str:
-        manifests = render(helm, values=values)
-        config = next(m for m in find(manifests, "ConfigMap", "gateway"))
-        value: str = config["data"]["PRESENCE_GATEWAY_ENSURE_TOPICS"]
-        return value
+    """topics.create reaches both components as PRESENCE_TOPIC_CREATE (core/topics.py): off, they only describe."""
 
-    assert ensure(MINIMAL) == "true"
-    assert ensure({**MINIMAL, "topics.create": "false"}) == "false"
+    def create(values: dict[str, str]) -> str:
+        manifests = render(helm, values=values)
+        common = _config_maps(manifests)[""]
+        assert "PRESENCE_GATEWAY_ENSURE_TOPICS" not in _config_maps(manifests)["gateway"]
+        return common["PRESENCE_TOPIC_CREATE"]
+
+    assert create(MINIMAL) == "true"
+    assert create({**MINIMAL, "topics.create": "false"}) == "false"
+    from core.settings import CommonSettings
+
+    assert CommonSettings(topic_create="false").topic_create is False
+
+
+def _config_maps(manifests: Manifests) -> dict[str, dict[str, str]]:
+    """The chart's ConfigMaps' data by component ("" for the shared one)."""
+    return {
+        m["metadata"]["labels"].get("app.kubernetes.io/component", ""): m.get("data", {})
+        for m in manifests
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("rel-presence")
+        and "dashboards" not in m["metadata"]["name"]
+    }  # fmt: skip
+
+
+def _worker_env(manifests: Manifests) -> dict[str, Any]:
+    """The worker container's environment: its ConfigMaps' data, then its own env entries (which win)."""
+    maps = _config_maps(manifests)
+    env: dict[str, Any] = {**maps[""], **maps["streams"]}
+    container = one(manifests, "StatefulSet", "streams")["spec"]["template"]["spec"]["containers"][0]
+    env.update({e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]})
+    return env
+
+
+# --- reconciliation ---------------------------------------------------------------------------------------------------
+
+
+def test_reconciliation_off_keeps_the_app_secret_from_the_workers(helm: Path) -> None:
+    env = _worker_env(render(helm, values=MINIMAL))
+    assert env["PRESENCE_RECONCILE_ENABLED"] == "false"
+    assert "PRESENCE_APP_SECRET" not in env
+    assert not [
+        name
+        for name in env
+        if name.startswith("PRESENCE_RECONCILE_") and name != "PRESENCE_RECONCILE_ENABLED"
+    ]
+
+
+def test_reconciliation_on_gives_the_workers_the_app_secret_and_its_settings(helm: Path) -> None:
+    from streams.config import WorkerSettings
+
+    values = {
+        **MINIMAL,
+        "reconcile.enabled": "true",
+        "reconcile.apiUrls[0]": "https://api-sg-a.rong-api.com",
+        "reconcile.apiUrls[1]": "https://api-sg-b.rong-api.com",
+        "reconcile.budgetPerSecond": "20",
+        "reconcile.maxSilenceSeconds": "7200",
+        "reconcile.extraConfig.gap_cap": "5000",
+    }
+    env = _worker_env(render(helm, values=values))
+    assert env["PRESENCE_APP_SECRET"] == {"secretKeyRef": {"name": "rel-presence", "key": "app-secret"}}
+    # The rendered settings are ones the worker reads, with the values given (pydantic refuses a bad one).
+    plain = {k: v for k, v in env.items() if isinstance(v, str) and k.startswith("PRESENCE_")}
+    settings = WorkerSettings(
+        **{
+            k.removeprefix("PRESENCE_").lower(): v
+            for k, v in plain.items()
+            if not k.startswith("PRESENCE_GATEWAY")
+        },
+        app_secret="from-the-secret",
+    )
+    assert settings.reconcile_active
+    assert settings.reconcile_api_urls == ("https://api-sg-a.rong-api.com", "https://api-sg-b.rong-api.com")
+    assert settings.reconcile_budget_per_second == 20 and settings.reconcile_max_silence_seconds == 7200
+    assert settings.reconcile_gap_cap == 5000
+
+    existing = _worker_env(render(helm, values={**values, "app.secret": "", "app.existingSecret": "creds"}))
+    assert existing["PRESENCE_APP_SECRET"] == {"secretKeyRef": {"name": "creds", "key": "app-secret"}}
+
+
+def test_reconciliation_settings_name_real_worker_settings() -> None:
+    """Every PRESENCE_RECONCILE_* the chart can render is a WorkerSettings field."""
+    from streams.config import WorkerSettings
+
+    template = (CHART / "templates" / "configmap.yaml").read_text()
+    rendered_names = set(re.findall(r"PRESENCE_(RECONCILE_[A-Z_]+):", template))
+    assert len(rendered_names) >= 7
+    assert {name.lower() for name in rendered_names} <= set(WorkerSettings.model_fields)
+
+
+def test_reconciliation_egress_reaches_the_api_only_when_on(helm: Path) -> None:
+    egress = {**MINIMAL, "networkPolicy.egress.enabled": "true"}
+
+    def worker_egress(values: dict[str, str]) -> list[dict[str, Any]]:
+        policy = one(render(helm, values=values), "NetworkPolicy", "streams")
+        rules: list[dict[str, Any]] = policy["spec"]["egress"]
+        return rules
+
+    assert not [r for r in worker_egress(egress) if {"port": 443, "protocol": "TCP"} in r.get("ports", [])]
+    (anywhere,) = [
+        r for r in worker_egress({**egress, "reconcile.enabled": "true"})
+        if {"port": 443, "protocol": "TCP"} in r.get("ports", [])
+    ]  # fmt: skip
+    assert "to" not in anywhere
+    production = worker_egress({**egress, "reconcile.enabled": "true",
+                                "networkPolicy.egress.reconcileApiPeers[0].ipBlock.cidr": "203.0.113.0/24",
+                                "networkPolicy.egress.reconcileApiPorts[0]": "443"})  # fmt: skip
+    (api,) = [r for r in production if {"port": 443, "protocol": "TCP"} in r.get("ports", [])]
+    assert api["to"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
+
+
+# --- Strimzi ------------------------------------------------------------------------------------------------------------
+
+
+def test_strimzi_topics_are_the_ones_the_services_would_create(rendered: Callable[[str], Manifests]) -> None:
+    """Each KafkaTopic has the name, partitions, replication factor and configs core/topics.py and the worker give
+    that topic, for the settings the chart hands the services (extraConfig overrides included)."""
+    from core.topics import product_topics
+    from streams.config import WorkerSettings
+    from streams.main import worker_topics
+
+    manifests = rendered("strimzi-values.yaml")
+    env = _worker_env(manifests)
+    plain = {k.removeprefix("PRESENCE_").lower(): v for k, v in env.items()
+             if isinstance(v, str) and k.startswith("PRESENCE_") and not k.startswith("PRESENCE_KAFKA_SSL")}  # fmt: skip
+    settings = WorkerSettings(
+        **plain, kafka_sasl_password="from-the-users-secret", app_secret="from-the-secret"
+    )
+    assert settings.topic_create is False
+    expected = {spec.name: spec for spec in [*product_topics(settings), *worker_topics(settings)]}
+    topics = find(manifests, "KafkaTopic")
+    assert len(topics) == 7 == len(expected)
+    for topic in topics:
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "main"
+        spec = expected[topic["spec"]["topicName"]]
+        assert topic["spec"]["partitions"] == spec.partitions
+        assert topic["spec"]["replicas"] == spec.replication_factor
+        assert topic["spec"]["config"] == spec.config, spec.name
+
+
+def test_strimzi_topics_follow_the_topic_overrides_of_extra_config(helm: Path) -> None:
+    from core.settings import CommonSettings
+    from core.topics import product_topics
+
+    overrides = {"topic_raw_retention_ms": "1209600000", "topic_state_delete_retention_ms": "172800000",
+                 "topic_state_min_cleanable_dirty_ratio": "0.25"}  # fmt: skip
+    values = {**MINIMAL, "strimzi.cluster": "main", "strimzi.topics.enabled": "true", "topics.replicationFactor": "2",
+              **{f"extraConfig.{k}": v for k, v in overrides.items()}}  # fmt: skip
+    manifests = render(helm, values=values)
+    settings = CommonSettings(
+        **{k.removeprefix("PRESENCE_").lower(): v for k, v in _config_maps(manifests)[""].items()}
+    )
+    by_name = {t["spec"]["topicName"]: t["spec"] for t in find(manifests, "KafkaTopic")}
+    for spec in product_topics(settings):
+        assert by_name[spec.name]["config"] == spec.config
+        assert by_name[spec.name]["replicas"] == 2
+    assert by_name[settings.topic_raw]["config"]["retention.ms"] == "1209600000"
+    assert by_name[settings.topic_raw]["config"]["min.insync.replicas"] == "1"
+
+
+def _acls(user: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    return {
+        (acl["resource"]["type"], acl["resource"].get("name", "")): set(acl["operations"])
+        for acl in user["spec"]["authorization"]["acls"]
+    }
+
+
+def test_strimzi_users_get_only_what_their_component_uses(rendered: Callable[[str], Manifests]) -> None:
+    manifests = rendered("strimzi-values.yaml")
+    common = _config_maps(manifests)[""]
+    app_id = _config_maps(manifests)["streams"]["PRESENCE_WORKER_APP_ID"]
+    raw, dlq = common["PRESENCE_TOPIC_RAW"], common["PRESENCE_TOPIC_DLQ"]
+    transitions, state = common["PRESENCE_TOPIC_TRANSITIONS"], common["PRESENCE_TOPIC_STATE"]
+    users = {u["metadata"]["labels"]["app.kubernetes.io/component"]: u for u in find(manifests, "KafkaUser")}
+    assert set(users) == {"gateway", "streams", "kafka-exporter"}
+    for user in users.values():
+        assert user["spec"]["authentication"] == {"type": "scram-sha-512"}
+        assert user["metadata"]["labels"]["strimzi.io/cluster"] == "main"
+        for acl in user["spec"]["authorization"]["acls"]:
+            assert "Create" not in acl["operations"] and "All" not in acl["operations"]
+            assert acl["resource"].get("patternType", "literal") == "literal"
+    assert _acls(users["gateway"]) == {
+        ("topic", raw): {"Write", "Describe"},
+        ("topic", dlq): {"Write", "Describe"},
+        # Describe on all four: the gateway checks at start that they exist.
+        ("topic", transitions): {"Describe"},
+        ("topic", state): {"Describe"},
+    }
+    streams = _acls(users["streams"])
+    # Reconciliation is on in this scenario: the workers publish observations to RAW.
+    assert streams[("topic", raw)] == {"Read", "Write", "Describe"}
+    assert streams[("group", app_id)] == {"Read", "Describe"}
+    for own in ("ticks", "users-changelog", "__assignor-__leader"):
+        assert streams[("topic", f"{app_id}-{own}")] == {"Read", "Write", "Describe"}
+    for output in (transitions, state, dlq):
+        assert streams[("topic", output)] == {"Write", "Describe"}
+    assert _acls(users["kafka-exporter"]) == {
+        ("cluster", ""): {"Describe"},
+        ("group", app_id): {"Describe"},
+        ("topic", raw): {"Describe"},
+    }
+
+
+def test_strimzi_users_are_the_identities_the_components_log_in_with(
+    rendered: Callable[[str], Manifests],
+) -> None:
+    manifests = rendered("strimzi-values.yaml")
+    assert "PRESENCE_KAFKA_SASL_USERNAME" not in _config_maps(manifests)[""]
+    for kind, component in (("StatefulSet", "gateway"), ("StatefulSet", "streams")):
+        container = one(manifests, kind, component)["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert list(env).count("PRESENCE_KAFKA_SASL_PASSWORD") == 1
+        assert env["PRESENCE_KAFKA_SASL_USERNAME"]["value"] == f"rel-presence-{component}"
+        assert env["PRESENCE_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"rel-presence-{component}", "key": "password"}  # fmt: skip
+    exporter, _ = _exporter(manifests)
+    assert "--sasl.username=rel-presence-kafka-exporter" in exporter["args"]
+    assert exporter["env"][0]["valueFrom"]["secretKeyRef"] == {
+        "name": "rel-presence-kafka-exporter",
+        "key": "password",
+    }
+    names = {u["metadata"]["name"] for u in find(manifests, "KafkaUser")}
+    assert names == {"rel-presence-gateway", "rel-presence-streams", "rel-presence-kafka-exporter"}
+
+
+def test_strimzi_api_version_can_be_v1(helm: Path) -> None:
+    values = {**MINIMAL, "strimzi.cluster": "main", "strimzi.topics.enabled": "true",
+              "strimzi.apiVersion": "kafka.strimzi.io/v1"}  # fmt: skip
+    topics = find(render(helm, values=values), "KafkaTopic")
+    assert {t["apiVersion"] for t in topics} == {"kafka.strimzi.io/v1"}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"strimzi.topics.enabled": "true"}, "need strimzi.cluster"),
+        ({"strimzi.cluster": "main", "strimzi.users.enabled": "true", "topics.create": "false"},
+         "needs kafka.securityProtocol SASL_SSL or SASL_PLAINTEXT and kafka.sasl.mechanism SCRAM-SHA-512"),
+        ({"strimzi.cluster": "main", "strimzi.users.enabled": "true", "kafka.securityProtocol": "SASL_SSL",
+          "kafka.sasl.mechanism": "SCRAM-SHA-512"}, "set topics.create=false"),
+        ({"strimzi.cluster": "main", "strimzi.users.enabled": "true", "kafka.securityProtocol": "SASL_SSL",
+          "kafka.sasl.mechanism": "SCRAM-SHA-512", "topics.create": "false", "strimzi.namespace": "kafka"},
+         "which pods in presence cannot read"),
+    ],
+)  # fmt: skip
+def test_strimzi_values_that_cannot_work_are_refused(
+    helm: Path, values: dict[str, str], message: str
+) -> None:
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render(helm, values={**MINIMAL, **values}, check=False)
+
+
+def test_the_crd_check_rejects_a_bad_kafka_topic_and_user() -> None:
+    topic = {"apiVersion": "kafka.strimzi.io/v1beta2", "kind": "KafkaTopic", "metadata": {"name": "t"},
+             "spec": {"partitions": 0, "replicas": 3}}  # fmt: skip
+    assert list(
+        jsonschema.Draft7Validator(crd_schemas()["kafka.strimzi.io/v1beta2 KafkaTopic"]).iter_errors(topic)
+    )
+    user = {"apiVersion": "kafka.strimzi.io/v1beta2", "kind": "KafkaUser", "metadata": {"name": "u"},
+            "spec": {"authentication": {"type": "scram-sha-256"}}}  # fmt: skip
+    assert list(
+        jsonschema.Draft7Validator(crd_schemas()["kafka.strimzi.io/v1beta2 KafkaUser"]).iter_errors(user)
+    )
 
 
 # --- secrets, the exporter, values ----------------------------------------------------------------------------------

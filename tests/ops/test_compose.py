@@ -140,3 +140,17 @@ def test_dockerfile_builds_one_image_with_both_commands() -> None:
 
     for command in ("worker", "create-topics"):
         assert command in main.commands, command
+
+
+def test_the_compose_worker_never_reconciles_against_the_real_api() -> None:
+    """Reconciliation turns itself on when the worker has the app key and secret; compose runs no API emulator, so
+    its worker says off explicitly, and stays off even when it is given both."""
+    from streams.config import WorkerSettings
+
+    worker_env = compose()["services"]["worker"]["environment"]
+    assert worker_env["PRESENCE_RECONCILE_ENABLED"] == "false"
+    assert "PRESENCE_RECONCILE_API_URLS" not in worker_env
+    settings = WorkerSettings(
+        reconcile_enabled=worker_env["PRESENCE_RECONCILE_ENABLED"], app_key="key", app_secret="a-secret-value"
+    )
+    assert not settings.reconcile_active

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from core import contract
+from tests.schemas import closed, load
 
 
 def test_g1_signature_test_vector() -> None:
@@ -129,7 +130,8 @@ OBSERVATION = contract.Observation("apert60541", False, 1_700_000_000_000, "age"
 
 
 def raw_schema() -> Draft202012Validator:
-    return Draft202012Validator(orjson.loads((SCHEMAS / "raw.v1.schema.json").read_bytes()))
+    """The writer (closed) form: what a producer may publish (readers accept more: tests/schemas.py)."""
+    return Draft202012Validator(closed(load("raw.v1.schema.json")))
 
 
 def test_r1_observation_round_trip() -> None:
@@ -190,9 +192,50 @@ def test_raw_schema_change_is_additive(event: dict[str, object]) -> None:
 
 
 def test_raw_schema_event_branch_is_unchanged() -> None:
-    event = orjson.loads((SCHEMAS / "raw.v1.schema.json").read_bytes())["$defs"]["event"]
+    event = closed(load("raw.v1.schema.json"))["$defs"]["event"]
     assert event["required"] == RAW_V1_BEFORE_OBSERVATIONS["required"]
     assert event["additionalProperties"] is False
     assert set(event["properties"]) == set(RAW_V1_BEFORE_OBSERVATIONS["properties"])  # type: ignore[arg-type]
     # An event with a kind is neither an event nor an observation.
     assert not raw_schema().is_valid(RAW | {"kind": "event"})
+
+
+# --- intake-gap markers and the RAW dispatcher ----------------------------------------------------------------
+
+GAP = contract.GapMarker("gw-1:1700000000000:unclean_stop", "gw-1", "unclean_stop", 1_700_000_000_000,
+                         1_700_000_042_000)  # fmt: skip
+
+
+def test_a_gap_marker_round_trips_and_matches_the_schema() -> None:
+    value = contract.encode_gap_marker(GAP)
+    raw_schema().validate(orjson.loads(value))
+    assert contract.decode_raw_record(None, value, "3@9") == GAP._replace(delivery_id="3@9")
+    # A marker is no event and no observation, whatever its key.
+    assert not contract.is_observation(orjson.loads(value))
+    assert contract.decode_raw_record(b"anything", value, "") == GAP
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"start": 1_700_000}, {"end": 1_600_000_000_000}, {"id": ""}, {"gateway": None}, {"reason": 7}],
+)
+def test_unusable_gap_markers_are_refused(change: dict[str, object]) -> None:
+    value = orjson.loads(contract.encode_gap_marker(GAP)) | change
+    with pytest.raises(contract.InvalidRaw) as caught:
+        contract.decode_raw_record(None, orjson.dumps(value), "0@0")
+    assert caught.value.reason == "invalid_raw"
+    if "end" not in change:  # a schema cannot compare two fields: end before start is the decoder's check
+        assert not raw_schema().is_valid(value)
+
+
+def test_the_raw_dispatcher_reads_each_kind_and_refuses_unknown_ones() -> None:
+    event = contract.decode_raw_record(b"apert60541", orjson.dumps(RAW), "1@1")
+    assert event == contract.decode_raw(b"apert60541", orjson.dumps(RAW), "1@1")
+    observation = contract.decode_raw_record(b"apert60541", contract.encode_observation(OBSERVATION), "1@2")
+    assert observation == OBSERVATION._replace(delivery_id="1@2")
+    with pytest.raises(contract.InvalidRaw) as caught:
+        contract.decode_raw_record(b"apert60541", orjson.dumps(RAW | {"kind": "event"}), "1@3")
+    assert caught.value.reason == "invalid_raw"
+    with pytest.raises(contract.InvalidRaw) as caught:
+        contract.decode_raw_record(None, b"{nope", "1@4")
+    assert caught.value.reason == "undecodable_raw"

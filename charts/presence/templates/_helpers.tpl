@@ -142,12 +142,27 @@ a cluster; `helm template` sees none); a change needs streams.allowAppIdChange o
 {{- if not .Values.kafka.bootstrapServers }}
 {{- fail "kafka.bootstrapServers is required (host:port,host:port)" }}
 {{- end }}
-{{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}
+{{- if and (hasPrefix "SASL" .Values.kafka.securityProtocol) (not .Values.strimzi.users.enabled) }}
 {{- if or (not .Values.kafka.sasl.mechanism) (not .Values.kafka.sasl.username) }}
 {{- fail (printf "kafka.securityProtocol=%s needs kafka.sasl.mechanism and kafka.sasl.username" .Values.kafka.securityProtocol) }}
 {{- end }}
 {{- if and (not .Values.kafka.sasl.password) (not .Values.kafka.sasl.existingSecret) }}
 {{- fail "kafka.sasl.password or kafka.sasl.existingSecret is required with SASL" }}
+{{- end }}
+{{- end }}
+{{- $s := .Values.strimzi }}
+{{- if and (or $s.topics.enabled $s.users.enabled) (not $s.cluster) }}
+{{- fail "strimzi.topics.enabled and strimzi.users.enabled need strimzi.cluster: the name of the Strimzi Kafka cluster (its operators only act on resources labelled strimzi.io/cluster=<name>)" }}
+{{- end }}
+{{- if $s.users.enabled }}
+{{- if not (and (hasPrefix "SASL" .Values.kafka.securityProtocol) (eq .Values.kafka.sasl.mechanism "SCRAM-SHA-512")) }}
+{{- fail "strimzi.users.enabled (scram-sha-512) needs kafka.securityProtocol SASL_SSL or SASL_PLAINTEXT and kafka.sasl.mechanism SCRAM-SHA-512: the components log in as their KafkaUsers" }}
+{{- end }}
+{{- if and $s.namespace (ne $s.namespace .Release.Namespace) }}
+{{- fail (printf "strimzi.users.enabled puts each user's password in a Secret next to its KafkaUser (namespace %s), which pods in %s cannot read: install the release in the namespace the User Operator watches, or create the users there yourself and set kafka.sasl.*" $s.namespace .Release.Namespace) }}
+{{- end }}
+{{- if .Values.topics.create }}
+{{- fail "strimzi.users.enabled gives the components no Create right: set topics.create=false (and strimzi.topics.enabled, or create the topics beforehand)" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.kafka.tls.enabled (not .Values.kafka.tls.existingSecret) }}
@@ -190,7 +205,7 @@ a cluster; `helm template` sees none); a change needs streams.allowAppIdChange o
 
 {{/* Environment shared by both components: the ConfigMap, the secrets, the TLS file paths. */}}
 {{- define "presence.commonEnv" -}}
-{{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}
+{{- if and (hasPrefix "SASL" .Values.kafka.securityProtocol) (not .Values.strimzi.users.enabled) }}
 - name: PRESENCE_KAFKA_SASL_PASSWORD
   valueFrom:
     secretKeyRef:
@@ -337,4 +352,30 @@ secret.reloader.stakater.com/reload: {{ $external | quote }}
 {{- fail (printf "cannot read the quantity %q (use a number with k, M, G, T, P, Ki, Mi, Gi, Ti or Pi)" $q) }}
 {{- end }}
 {{- mulf (float64 $number) (get $factors $unit) }}
+{{- end }}
+
+{{/* A setting from a values map (extraConfig) as a string, else the default. Args: dict values, key, default. */}}
+{{- define "presence.settingString" -}}
+{{- if hasKey .values .key }}{{ include "presence.settingValue" (index .values .key) | trimAll "\"" }}{{ else }}{{ .default | toString }}{{ end }}
+{{- end }}
+
+{{/* The Kafka user (Strimzi KafkaUser, and its Secret) of a component. Args: dict ctx, component. */}}
+{{- define "presence.kafkaUser" -}}
+{{- printf "%s-%s" (include "presence.fullname" .ctx) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+With strimzi.users.enabled each component logs in as its own KafkaUser: the user name is the KafkaUser's, the password
+the one the User Operator writes into the Secret of the same name. Arg: dict ctx, component.
+*/}}
+{{- define "presence.kafkaUserEnv" -}}
+{{- if .ctx.Values.strimzi.users.enabled }}
+- name: PRESENCE_KAFKA_SASL_USERNAME
+  value: {{ include "presence.kafkaUser" . | quote }}
+- name: PRESENCE_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "presence.kafkaUser" . }}
+      key: password
+{{- end }}
 {{- end }}

@@ -34,7 +34,13 @@ def test_up_runs_the_demo_shows_transitions_and_exits_0(kafka_bootstrap: str, tm
     assert str(tmp_path / "run" / "logs" / "worker.log") in out
     done = re.search(r"demo done: (\d+) events accepted .*; (\d+) transitions seen", out)
     assert done is not None, out[-3000:]
-    assert int(done.group(1)) >= 900 and int(done.group(2)) > 0
+    # 900 events generated, a few callbacks (2 % of the requests, seeded) lost on purpose for reconciliation.
+    assert int(done.group(1)) >= 800 and int(done.group(2)) > 0
+    # Reconciliation asks the emulator this command serves, never RongCloud's hosts.
+    assert re.search(
+        r"reconciliation against the emulated RongCloud API http://127\.0\.0\.1:\d+: \d+ callbacks lost", out
+    )
+    assert "rong-api.com" not in (tmp_path / "run" / "logs" / "worker.log").read_text()
     assert re.search(r"\d+ users online of \d+, [\d.]+ transitions/s, \d+ events/s, lag 0", out)
     assert "→" in out  # sample transitions
     assert "stopped the gateway and the worker" in out

@@ -16,7 +16,9 @@ from aiokafka import AIOKafkaConsumer
 
 from core.contract import compute_signature
 from gateway.config import GatewaySettings
-from gateway.main import Gateway, create_app, uvicorn_config
+from gateway.main import create_app
+from gateway.server import uvicorn_config
+from gateway.webhook import Gateway
 from presence.localkafka import free_port
 
 APP_KEY = "integration-app"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from core.contract import partition_of
 from gateway.config import GatewaySettings
 from tests.schemas import writer_validator
 
@@ -57,9 +59,45 @@ async def test_g6_signed_request_events_are_on_raw_keyed_by_userid_with_receipt_
         assert value["os"] == "Android"
         assert before <= value["received_at"] <= now_ms()
         assert value["delivery_id"] == f"n-g6:{response.request.url.params['timestamp']}:{i}"
-    # key = userid: one user's events share a partition
+    # key = userid, partitioned as Kafka's default partitioner does: where the worker looks for each user.
+    for key, _, meta in records:
+        assert key is not None
+        assert meta["partition"] == partition_of(key, settings.topic_partitions)
     partitions = {meta["partition"] for _, _, meta in records}
     assert len(partitions) > 1
+
+
+async def test_g6_concurrent_requests_share_batches_and_every_event_is_acknowledged_once(
+    gateway_settings: Callable[..., GatewaySettings], start_gateway: StartGateway
+) -> None:
+    """Many requests in flight at once: their records fill the same producer batches while earlier batches are
+    still with the client. Every request is published (none spooled, no failure), every event is on RAW once."""
+    settings = gateway_settings(topic_partitions=3)
+    server = start_gateway(settings)
+    clients, per_client, per_request = 32, 20, 10
+
+    async def one_client(client: httpx.AsyncClient, c: int) -> None:
+        for r in range(per_client):
+            events = [event(f"conc-{c}-{r}-{i}", f"s-{c}-{r}-{i}") for i in range(per_request)]
+            response = await client.post(
+                f"{server.webhook}?{signed_query(nonce=f'conc-{c}-{r}')}", json=events
+            )
+            assert response.status_code == 200, response.text
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
+        await asyncio.gather(*(one_client(client, c) for c in range(clients)))
+    registry = server.gateway.metrics.registry
+    requests = clients * per_client
+    assert registry.get_sample_value("presence_gateway_requests_total", {"outcome": "published"}) == requests
+    for kind in ("timeout", "kafka_error"):
+        labels = {"source": "request", "kind": kind}
+        assert registry.get_sample_value("presence_gateway_kafka_publish_failures_total", labels) == 0
+    assert server.gateway.publisher.breaker.closed
+    total = requests * per_request
+    records = await consume(settings, settings.topic_raw, lambda rs: len(rs) >= total)
+    assert len(records) == total
+    assert len(userids(records)) == total
 
 
 async def test_g2_bad_signature_publishes_nothing(

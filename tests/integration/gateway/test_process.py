@@ -97,6 +97,8 @@ async def test_g7_sigterm_drains_the_spool_before_exit_and_g9_logs_hold_no_secre
         PRESENCE_GATEWAY_BREAKER_COOLDOWN_SECONDS="120",
         PRESENCE_GATEWAY_BREAKER_MAX_COOLDOWN_SECONDS="120",
         PRESENCE_GATEWAY_SHUTDOWN_DRAIN_SECONDS="30",
+        # Every request logged, so every line can be checked for secrets (G9).
+        PRESENCE_GATEWAY_ACCESS_LOG_SUCCESS_SAMPLE="1",
     )
     sent: set[str] = set()
     signatures: list[str] = []

@@ -5,6 +5,9 @@ crash loop, refusing a topic layout it cannot use, and static group membership (
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +18,7 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from core.settings import CommonSettings
 from core.topics import ensure_topics
 from presence.localkafka import free_port
 from streams.config import WorkerSettings
@@ -140,6 +144,45 @@ def test_a_topic_layout_it_cannot_use_stops_the_worker_with_one_log_line(
     (line,) = (orjson.loads(line) for line in _log_lines(worker))
     assert line["level"] == "error" and line["msg"] == "worker cannot start"
     assert "has 2 partitions but PRESENCE_TOPIC_PARTITIONS is 4" in line["error"]
+
+
+def test_a_worker_that_may_not_create_topics_names_the_missing_ones_then_runs_once_they_exist(
+    kafka_bootstrap: str,
+    settings_for: Callable[..., dict[str, Any]],
+    unique: Callable[[str], str],
+    workers: list[WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    """PRESENCE_TOPIC_CREATE=false: the product's topics exist, the worker's own do not: it stops with one line
+    naming them; after `presence create-topics --worker` it starts and processes without creating anything
+    (Faust declares no topic either)."""
+    values = settings_for()
+    app_id = unique("worker")
+    asyncio.run(ensure_topics(CommonSettings(**values)))
+    env = worker_env(values, app_id, PRESENCE_TOPIC_CREATE="false")
+    worker = WorkerProcess(env, tmp_path / "w", tmp_path / "w.log")
+    workers.append(worker)
+    worker.start()
+    assert worker.process is not None
+    assert worker.process.wait(60) == 2
+    (line,) = (orjson.loads(line) for line in _log_lines(worker))
+    assert line["msg"] == "worker cannot start"
+    for name in (f"{app_id}-ticks", f"{app_id}-users-changelog", f"{app_id}-__assignor-__leader"):
+        assert f"{name} (partitions" in line["error"]
+    assert values["topic_raw"] not in line["error"], "only the missing topics are named"
+
+    created = subprocess.run(
+        [sys.executable, "-m", "presence.cli", "create-topics", "--worker"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_")}, **env},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert f"{app_id}-users-changelog" in created.stdout
+
+    worker.log_path.unlink()
+    worker.start()
+    worker.wait_ready(timeout=90)
+    assert worker.metric("presence_worker_assigned_partitions") == 4
 
 
 def test_static_membership_a_restarted_worker_takes_its_partitions_back_within_the_session_timeout(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import pytest
 
 from core.contract import compute_signature
-from presence.emulator import CallbackPolicy, CallbackSender, GroundTruth, ManualClock, PauseRule
+from presence.emulator import ApiEmulator, CallbackPolicy, CallbackSender, GroundTruth, ManualClock, PauseRule
 from presence.simulate import Target
 from presence.trace import Delivery, Trace, TraceSpec, generate
 
@@ -108,6 +109,22 @@ async def test_callbacks_are_signed_and_sent_at_their_times() -> None:
     assert orjson.loads(body)[0]["time"] == sender.base_ms + 2400
 
 
+async def test_a_run_can_start_at_a_chosen_time() -> None:
+    """The caller picks the clock time that the trace's time 0 stands for (the benchmark hands the same base to
+    the API emulator before the first delivery): deliveries and event times count from it."""
+    clock = ManualClock()
+    upstream = Upstream(clock)
+    sender = CallbackSender(
+        trace_of(Delivery(1000, "n1", (event("u", "a", "0", 900),))), TARGET, clock=clock, post=upstream.post
+    )
+    start = clock.now() + 30
+    stats = await sender.run(start)
+    assert stats.delivered == 1
+    assert sender.base_ms == int(start * 1000)
+    assert [round(t - start, 3) for t, _, _ in upstream.requests] == [1.0]
+    assert orjson.loads(upstream.requests[0][2])[0]["time"] == int(start * 1000) + 900
+
+
 async def test_three_attempts_with_a_5s_timeout_then_dropped_for_good() -> None:
     clock = ManualClock()
     upstream = Upstream(clock, answers=[False, False, False])
@@ -170,3 +187,28 @@ async def test_upstream_retries_in_the_trace_resend_the_same_request() -> None:
     retry = Delivery(5000, "n1", original.events, retry_of=0)
     await CallbackSender(trace_of(original, retry), TARGET, clock=clock, post=upstream.post).run()
     assert upstream.requests[0][1:] == upstream.requests[1][1:]
+
+
+async def test_the_api_ignores_a_caller_that_goes_away_before_its_request_is_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker stopping with checks in flight closes its connections mid-request: no error, no call recorded."""
+    api = ApiEmulator(GroundTruth(), app_key="app-key", secret="app-secret")
+    url = await api.start()
+    try:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /user/checkOnline.json HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nuserId=u")  # fmt: skip
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        # Wait for the server to be done with the connection (its handler has run by then).
+        server = api._runner.server if api._runner else None
+        deadline = asyncio.get_running_loop().time() + 5
+        while server is not None and server.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        await api.stop()
+    assert api.calls == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -47,6 +47,8 @@ def gateway_settings(tmp_path: Path) -> Callable[..., GatewaySettings]:
             "gateway_breaker_max_cooldown_seconds": 0.2,
             "gateway_kafka_request_timeout_seconds": 0.5,
             "gateway_shutdown_drain_seconds": 0.5,
+            # The in-memory Kafka has no topics to ensure; test_startup.py exercises that step.
+            "gateway_ensure_topics": False,
         }
         values.update(overrides)
         return GatewaySettings(**values)

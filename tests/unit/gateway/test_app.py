@@ -273,3 +273,43 @@ def test_g9_redaction_as_defence_in_depth() -> None:
     from core.logs import redact
 
     assert redact("/x?appKey=k&nonce=1&signature=abc") == "/x?appKey=k&nonce=[redacted]&signature=[redacted]"
+
+
+async def test_g9_access_log_has_every_failure_and_the_sampled_fraction_of_successes(
+    harness_factory: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with harness_factory(gateway_access_log_success_sample=0.25) as h:
+        for i in range(8):
+            assert (await h.client.post(signed_url(nonce=f"ok{i}"), json=[ev()])).status_code == 200
+        for i in range(3):
+            url = signed_url(nonce=f"bad{i}", secret="wrong-secret")
+            assert (await h.client.post(url, json=[ev()])).status_code == 401
+        assert (await h.client.post(signed_url(nonce="junk"), content=b"junk")).status_code == 400
+        await h.client.get("/healthz")
+    lines = [r for r in caplog.records if r.name == "gateway.access" and r.levelno == logging.INFO]
+    statuses = sorted(r.__dict__["status"] for r in lines)
+    assert statuses == [200, 200, 400, 401, 401, 401]
+    assert {r.__dict__["reason"] for r in lines if r.__dict__["status"] == 401} == {"bad_signature"}
+
+
+async def test_an_unhandled_error_is_a_counted_500_without_a_traceback(
+    harness_factory: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug (never something a client sent) answers 500 and is counted as outcome "error", which the 5xx alert
+    sees; the traceback goes to the log, not to the client."""
+    async with harness_factory() as h:
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(h.app.state.gateway.intake, "take", broken)
+        with caplog.at_level(logging.ERROR, logger="gateway.webhook"):
+            r = await h.client.post(signed_url(nonce="bug"), json=[ev()])
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal error"}
+        assert "Traceback" not in r.text
+        assert h.sample("presence_gateway_requests_total", outcome="error") == 1
+        assert any(
+            record.exc_info for record in caplog.records if record.message == "unhandled error in the webhook"
+        )

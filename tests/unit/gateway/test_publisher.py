@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,12 +11,13 @@ from typing import Any
 
 import pytest
 
+from gateway.breaker import Breaker, BreakerState
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics
-from gateway.publisher import Breaker, BreakerState, Delivery, Publisher, Unavailable
+from gateway.publisher import Delivery, Publisher, Unavailable
 from gateway.spool import Spool, SpoolRecord
 
-from .fakes import MemoryKafka
+from .fakes import MemoryBatch, MemoryKafka
 
 
 class Clock:
@@ -97,8 +99,20 @@ def make_publisher(s: GatewaySettings, kafka: MemoryKafka, *, spool: bool = True
     )
 
 
+RAW = GatewaySettings.model_fields["topic_raw"].default
+
+
 def records(n: int, start: int = 0) -> list[SpoolRecord]:
-    return [SpoolRecord("raw", f"u{i}".encode(), f"{i}".encode()) for i in range(start, start + n)]
+    return [SpoolRecord(RAW, f"u{i}".encode(), f"{i}".encode()) for i in range(start, start + n)]
+
+
+async def publish(publisher: Publisher, batch: list[SpoolRecord], *, budget: float) -> Delivery:
+    """What the webhook does with a request's records: begin, wait for Kafka until the deadline, finish."""
+    publication = publisher.begin(batch, deadline=time.monotonic() + budget)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(budget):
+            await publication.acknowledged()
+    return await publisher.finish(publication)
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -112,10 +126,10 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 async def test_g6_publish_waits_for_acks(tmp_path: Path) -> None:
     kafka = MemoryKafka()
     publisher = make_publisher(settings(tmp_path), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
-        assert await publisher.publish(records(3), budget=1.0) is Delivery.PUBLISHED
-        assert [v for _, v in kafka.topic("raw")] == [b"0", b"1", b"2"]
+        assert await publish(publisher, records(3), budget=1.0) is Delivery.PUBLISHED
+        assert sorted(v for _, v in kafka.topic(RAW)) == [b"0", b"1", b"2"]
         assert publisher.spool is not None and publisher.spool.records == 0
     finally:
         await publisher.stop(drain_seconds=0)
@@ -124,23 +138,23 @@ async def test_g6_publish_waits_for_acks(tmp_path: Path) -> None:
 async def test_g7_unacknowledged_within_budget_goes_to_spool_then_drains(tmp_path: Path) -> None:
     kafka = MemoryKafka()
     publisher = make_publisher(settings(tmp_path), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         kafka.set_up(False)
         started = time.monotonic()
-        assert await publisher.publish(records(5), budget=0.3) is Delivery.SPOOLED
+        assert await publish(publisher, records(5), budget=0.3) is Delivery.SPOOLED
         assert time.monotonic() - started < 0.6
         assert publisher.breaker.state is BreakerState.OPEN
         # breaker open: no waiting on Kafka at all
         started = time.monotonic()
-        assert await publisher.publish(records(5, 5), budget=0.3) is Delivery.SPOOLED
+        assert await publish(publisher, records(5, 5), budget=0.3) is Delivery.SPOOLED
         assert time.monotonic() - started < 0.1
         assert publisher.spool is not None and publisher.spool.records == 10
         assert publisher.ready()
         kafka.set_up(True)
         await wait_for(lambda: publisher.spool is not None and publisher.spool.records == 0)
         await wait_for(lambda: publisher.breaker.closed)
-        values = {v for _, v in kafka.topic("raw")}
+        values = {v for _, v in kafka.topic(RAW)}
         assert values == {str(i).encode() for i in range(10)}
     finally:
         await publisher.stop(drain_seconds=0)
@@ -149,15 +163,15 @@ async def test_g7_unacknowledged_within_budget_goes_to_spool_then_drains(tmp_pat
 async def test_g7_spool_disabled_means_503(tmp_path: Path) -> None:
     kafka = MemoryKafka()
     publisher = make_publisher(settings(tmp_path), kafka, spool=False)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         kafka.set_up(False)
         with pytest.raises(Unavailable):
-            await publisher.publish(records(1), budget=0.2)
+            await publish(publisher, records(1), budget=0.3)
         assert not publisher.ready()
         kafka.set_up(True)
         await wait_for(lambda: publisher.breaker.seconds_until_trial() == 0)
-        assert await publisher.publish(records(1), budget=0.5) is Delivery.PUBLISHED  # half-open trial
+        assert await publish(publisher, records(1), budget=0.5) is Delivery.PUBLISHED  # half-open trial
         assert publisher.breaker.closed
     finally:
         await publisher.stop(drain_seconds=0)
@@ -166,12 +180,12 @@ async def test_g7_spool_disabled_means_503(tmp_path: Path) -> None:
 async def test_g7_spool_full_means_503_and_not_ready(tmp_path: Path) -> None:
     kafka = MemoryKafka(up=False)
     publisher = make_publisher(settings(tmp_path, gateway_spool_max_bytes=64 * 1024), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
-        big = [SpoolRecord("raw", b"k", b"x" * 1000)] * 50
-        assert await publisher.publish(big, budget=0.1) is Delivery.SPOOLED
+        big = [SpoolRecord(RAW, b"k", b"x" * 1000)] * 50
+        assert await publish(publisher, big, budget=0.3) is Delivery.SPOOLED
         with pytest.raises(Unavailable):
-            await publisher.publish(big, budget=0.1)
+            await publish(publisher, big, budget=0.3)
         assert not publisher.ready()
     finally:
         await publisher.stop(drain_seconds=0)
@@ -181,13 +195,13 @@ async def test_g7_kafka_unreachable_at_start_spools_and_recovers(tmp_path: Path)
     kafka = MemoryKafka(start_fails=True)
     s = settings(tmp_path, gateway_breaker_max_cooldown_seconds=0.2)
     publisher = make_publisher(s, kafka)
-    await publisher.start(connect_timeout=0.2)
+    await publisher.start()
     try:
         assert publisher.ready()
-        assert await publisher.publish(records(2), budget=0.3) is Delivery.SPOOLED
+        assert await publish(publisher, records(2), budget=0.3) is Delivery.SPOOLED
         kafka.start_fails = False
         await wait_for(lambda: publisher.spool is not None and publisher.spool.records == 0)
-        assert len(kafka.topic("raw")) == 2
+        assert len(kafka.topic(RAW)) == 2
     finally:
         await publisher.stop(drain_seconds=0)
 
@@ -195,10 +209,11 @@ async def test_g7_kafka_unreachable_at_start_spools_and_recovers(tmp_path: Path)
 async def test_g7_drain_is_oldest_first_and_does_not_resend_inflight_chunks(tmp_path: Path) -> None:
     kafka = MemoryKafka(up=False)
     publisher = make_publisher(settings(tmp_path, gateway_kafka_request_timeout_seconds=0.2), kafka)
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
         for i in range(6):
-            await publisher.publish(records(5, i * 5), budget=0.05)
+            # Enough budget for the first request to hand its records to Kafka (then the breaker opens).
+            await publish(publisher, records(5, i * 5), budget=0.3)
         # let several drain attempts time out while Kafka is down
         registry = publisher._metrics.registry
         labels = {"source": "spool", "kind": "timeout"}
@@ -209,13 +224,18 @@ async def test_g7_drain_is_oldest_first_and_does_not_resend_inflight_chunks(tmp_
         )
         kafka.set_up(True)
         await wait_for(lambda: publisher.spool is not None and publisher.spool.records == 0, 15)
-        values = [int(v) for _, v in kafka.topic("raw")]
+        values = [int(v) for _, v in kafka.topic(RAW)]
         assert sorted(set(values)) == list(range(30))
         # The first request's records were handed to the producer before its budget ran out, so they arrive
         # twice (live and from the spool); the drainer itself never re-sent a chunk still queued in the producer.
         assert sorted(values) == sorted([*range(30), *range(5)])
-        first_seen = sorted(set(values), key=values.index)
-        assert first_seen == list(range(30))
+        # Oldest first within each partition (Kafka orders nothing across partitions).
+        by_partition: dict[int, list[int]] = {}
+        for (_, partition, _), value in zip(kafka.placed, values, strict=True):
+            by_partition.setdefault(partition, []).append(value)
+        for in_partition in by_partition.values():
+            first_seen = sorted(set(in_partition), key=in_partition.index)
+            assert first_seen == sorted(first_seen)
     finally:
         await publisher.stop(drain_seconds=0)
 
@@ -224,14 +244,14 @@ async def test_g7_spool_survives_restart_and_drains_on_next_start(tmp_path: Path
     s = settings(tmp_path)
     down = MemoryKafka(up=False)
     first = make_publisher(s, down)
-    await first.start(connect_timeout=1)
-    await first.publish(records(4), budget=0.05)
+    await first.start()
+    await publish(first, records(4), budget=0.05)
     await first.stop(drain_seconds=0.1)
     kafka = MemoryKafka()
     second = make_publisher(s, kafka)
-    await second.start(connect_timeout=1)
+    await second.start()
     try:
-        await wait_for(lambda: len(kafka.topic("raw")) == 4)
+        await wait_for(lambda: len(kafka.topic(RAW)) == 4)
     finally:
         await second.stop(drain_seconds=0)
 
@@ -239,12 +259,12 @@ async def test_g7_spool_survives_restart_and_drains_on_next_start(tmp_path: Path
 async def test_g7_stop_drains_within_grace(tmp_path: Path) -> None:
     kafka = MemoryKafka(up=False)
     publisher = make_publisher(settings(tmp_path), kafka)
-    await publisher.start(connect_timeout=1)
-    await publisher.publish(records(20), budget=0.05)
+    await publisher.start()
+    await publish(publisher, records(20), budget=0.05)
     kafka.set_up(True)
     await publisher.stop(drain_seconds=5)
     assert publisher.spool is not None and publisher.spool.records == 0
-    assert {int(v) for _, v in kafka.topic("raw")} == set(range(20))
+    assert {int(v) for _, v in kafka.topic(RAW)} == set(range(20))
     assert not publisher.ready()
 
 
@@ -260,9 +280,13 @@ class RefusingProducer:
     async def stop(self) -> None:
         return None
 
-    async def send(
-        self, topic: str, value: bytes | None = None, key: bytes | None = None
-    ) -> asyncio.Future[Any]:
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1}
+
+    def create_batch(self) -> MemoryBatch:
+        return MemoryBatch(capacity=100)
+
+    async def send_batch(self, batch: MemoryBatch, topic: str, *, partition: int) -> asyncio.Future[Any]:
         if self.raise_on_send:
             raise RuntimeError("unexpected client failure")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -282,10 +306,24 @@ async def test_g7_refused_records_are_spooled_not_lost(tmp_path: Path, raise_on_
         producer_factory=lambda: RefusingProducer(raise_on_send=raise_on_send),
         spool=store,
     )
-    await publisher.start(connect_timeout=1)
+    await publisher.start()
     try:
-        assert await publisher.publish(records(3), budget=0.3) is Delivery.SPOOLED
+        assert await publish(publisher, records(3), budget=0.3) is Delivery.SPOOLED
         assert store.records == 3
         assert publisher.breaker.state is BreakerState.OPEN
+    finally:
+        await publisher.stop(drain_seconds=0)
+
+
+async def test_g7_too_little_time_left_goes_to_the_spool_without_judging_kafka(tmp_path: Path) -> None:
+    kafka = MemoryKafka()
+    publisher = make_publisher(settings(tmp_path), kafka)
+    await publisher.start()
+    try:
+        # Less than MIN_DIRECT_PUBLISH_SECONDS left of the request's budget: no time to wait for an ack.
+        assert await publish(publisher, records(2), budget=0.1) is Delivery.SPOOLED
+        assert publisher.breaker.closed
+        assert kafka.batches_taken == 0
+        await wait_for(lambda: len(kafka.topic(RAW)) == 2)  # the drainer publishes them
     finally:
         await publisher.stop(drain_seconds=0)

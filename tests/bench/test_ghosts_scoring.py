@@ -1,0 +1,147 @@
+"""The ghost benchmark's scoring against the ground truth (pure; bench/ghosts.py): what a consumer of TRANSITIONS
+shows, wrong intervals and their kind, wrong corrections, and the trace's time compression."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.ghosts import (
+    SIZES,
+    Shown,
+    Wrong,
+    compress,
+    max_in_window,
+    processing_delays,
+    score,
+    shown_changes,
+    wrong_intervals,
+)
+from presence.emulator import GroundTruth
+from presence.trace import Delivery, Trace, TraceSpec
+
+
+def transition(userid: str, to: str, emitted_at: int, seq: int, event: str = "online") -> dict[str, Any]:
+    return {"userid": userid, "to": to, "emitted_at": emitted_at, "epoch": 1, "seq": seq,
+            "cause": {"event": event}}  # fmt: skip
+
+
+def test_a_consumer_applies_transitions_by_emitted_at_and_drops_repeats() -> None:
+    shown = shown_changes([
+        transition("u", "offline", 300, 2, "offline"),
+        transition("u", "online", 100, 1),
+        transition("u", "online", 150, 1),  # S10: the same (epoch, seq) again
+        transition("u", "online", 500, 3, "reconcile"),
+    ])  # fmt: skip
+    assert shown == {"u": [Shown(100, True), Shown(300, False), Shown(500, True, reconcile=True)]}
+
+
+def test_wrong_intervals_are_split_into_ghost_online_and_ghost_offline() -> None:
+    truth = [(100, True), (400, False)]  # really online 100-400
+    shown = [Shown(150, True), Shown(700, False)]  # shown online 150-700
+    assert wrong_intervals("u", truth, shown, (0, 1000)) == [
+        Wrong("u", 100, 150, ghost_online=False, open=False),  # online, not yet shown
+        Wrong("u", 400, 700, ghost_online=True, open=False),  # gone, still shown online
+    ]
+
+
+def test_a_ghost_still_wrong_at_the_window_end_is_open() -> None:
+    assert wrong_intervals("u", [(100, True), (200, False)], [Shown(100, True)], (0, 1000)) == [
+        Wrong("u", 200, 1000, ghost_online=True, open=True)
+    ]
+
+
+def test_nothing_is_wrong_when_the_shown_status_follows_the_truth() -> None:
+    assert (
+        wrong_intervals("u", [(100, True), (200, False)], [Shown(100, True), Shown(200, False)], (0, 300))
+        == []
+    )
+
+
+def _truth(*sessions: tuple[str, str, int, int | None]) -> GroundTruth:
+    truth = GroundTruth()
+    for userid, session, start, end in sessions:
+        truth.add(userid, session, "0", start)
+        if end is not None:
+            truth.add(userid, session, "1", end)
+    return truth
+
+
+def test_score_shares_ghosts_and_corrections() -> None:
+    base = 1_000_000
+    truth = _truth(("a", "s1", 0, 100_000), ("b", "s2", 0, None))
+    shown = {
+        # a: its offline was lost; a correction (R2) ends the ghost at 250 s.
+        "a": [Shown(base, True), Shown(base + 250_000, False, reconcile=True)],
+        # b: online all along, but a wrong correction shows it offline from 300 s to the end (beyond the margin).
+        "b": [Shown(base, True), Shown(base + 300_000, False, reconcile=True)],
+    }
+    result = score(truth, base, shown, (base, base + 400_000), margin_ms=30_000, speedup=2.0)
+    # In trace time (speedup 2): a ghost online of 150 s x 2, a ghost offline of 100 s x 2; 800 s x 2 users.
+    assert result["users"] == 2
+    assert result["user_seconds"] == pytest.approx(1600)
+    assert result["ghost_online_share"] == pytest.approx(150 / 800)
+    assert result["ghost_offline_share"] == pytest.approx(100 / 800)
+    assert result["wrong_share"] == pytest.approx(250 / 800)
+    assert result["ghosts"]["count"] == 2 and result["ghosts"]["max_s"] == pytest.approx(300)
+    assert result["ghosts"]["open_at_end"] == 1
+    assert result["corrections"] == {"to_offline": 2}
+    assert result["wrong_corrections"] == 1
+    assert result["wrong_correction_examples"][0]["userid"] == "b"
+
+
+def test_a_correction_wrong_only_within_the_margin_is_not_counted() -> None:
+    """Truth changed just before the correction and the real event is on its way: not a wrong correction."""
+    base = 0
+    truth = _truth(("c", "s1", 0, 100_000), ("c", "s2", 110_000, None))
+    shown = {"c": [Shown(0, True), Shown(111_000, False, reconcile=True), Shown(120_000, True)]}
+    result = score(truth, base, shown, (0, 200_000), margin_ms=30_000, speedup=1.0)
+    assert result["corrections"] == {"to_offline": 1}
+    assert result["wrong_corrections"] == 0
+    # Shown online 10 s after s1 ended (a ghost shorter than the margin), offline 9 s after s2 began.
+    assert result["ghosts"]["count"] == 0 and result["short_wrong_intervals"] == 2
+
+
+def test_compression_divides_every_time_and_keeps_everything_else() -> None:
+    events = ({"userid": "u", "sessionId": "s", "status": "0", "time": 1000, "os": "iOS"},)
+    trace = Trace(TraceSpec(), [Delivery(1040, "n1", events), Delivery(6040, "n1", events, retry_of=0)])
+    fast = compress(trace, 5)
+    assert [(d.at_ms, d.nonce, d.retry_of) for d in fast.deliveries] == [(208, "n1", None), (1208, "n1", 0)]
+    assert fast.deliveries[0].events[0] == {**events[0], "time": 200}
+    assert compress(trace, 1) is trace
+
+
+def test_the_peak_counts_calls_in_any_window() -> None:
+    assert max_in_window([0.0, 0.5, 0.99, 1.0, 1.2, 5.0], 1.0) == 4
+    assert max_in_window([], 1.0) == 0
+
+
+def test_sizes_scale_the_budget_with_the_population_and_time_with_the_speedup() -> None:
+    full, default = SIZES["full"], SIZES["default"]
+    assert (full.users, full.trace_seconds, full.speedup) == (50_000, 900, 1)
+    assert full.budget == 50 and full.rate_limit == 100
+    # The default run: a fifth of the users, five times faster: the same calls and events per wall second.
+    assert default.budget * default.speedup == full.budget * full.speedup
+    assert default.users * default.speedup == full.users
+    assert default.wall(default.max_silence) == full.max_silence / 5
+
+
+def test_processing_delay_runs_from_the_gateways_receipt_to_the_transition() -> None:
+    raw = [
+        {"userid": "u", "sessionId": "s", "status": 0, "received_at": 1_000},
+        {
+            "userid": "u",
+            "sessionId": "s",
+            "status": 0,
+            "received_at": 1_500,
+        },  # a retry: the first copy counts
+        {"userid": "u", "sessionId": "s", "status": 1, "received_at": 5_000},
+        {"kind": "observation", "userid": "u", "online": False, "at": 6_000},
+    ]
+    transitions = [
+        {"userid": "u", "emitted_at": 1_020, "cause": {"sessionId": "s", "event": "online"}},
+        {"userid": "u", "emitted_at": 5_250, "cause": {"sessionId": "s", "event": "offline"}},
+        {"userid": "u", "emitted_at": 7_000, "cause": {"sessionId": "reconcile", "event": "reconcile"}},
+    ]
+    assert processing_delays(raw, transitions) == [(1_000, 0.02), (5_000, 0.25)]
