@@ -47,6 +47,11 @@ class WorkerSettings(CommonSettings):
     worker_include_client_ip: bool = True
     # 16, not the rules' 8: a batch sends several transitions of a user before any is acknowledged (S10).
     worker_transition_memory: int = Field(default=16, ge=1, le=1000)
+    worker_deletion_memory: int = Field(
+        default=10_000,
+        ge=1,
+        description="Deleted users kept per partition to re-send their deletion after a crash (S10).",
+    )
     worker_sweep_batch: int = Field(default=1000, ge=1)
     worker_tick_interval_seconds: float = Field(default=1.0, gt=0)
 
@@ -112,6 +117,8 @@ class WorkerSettings(CommonSettings):
             offline_grace_ms=int(self.worker_offline_grace_seconds * 1000),
             include_client_ip=self.worker_include_client_ip,
             transition_memory=self.worker_transition_memory,
+            deletion_memory=self.worker_deletion_memory,
+            reconcile_margin_ms=int(self.reconcile_margin_seconds * 1000),
         )
 
     # --- reconciliation: RongCloud's checkOnline (docs/reconciliation.md) ------------------------------------

@@ -21,7 +21,9 @@ QUERY_ROUTES = (
     "/readyz",
 )
 KNOWN_PLATFORMS = ("iOS", "Android", "Websocket", "PC", "MiniProgram")
-OUTCOMES = ("applied", "duplicate", "stale", "invalid")
+OUTCOMES = ("applied", "duplicate", "stale", "too_late", "invalid")
+# What an applied observation did (R2-R4), streams.rules.Correction.
+CORRECTION_KINDS = ("session_ended", "synthetic_opened", "verified")
 STATUSES = ("online", "offline", "logged_out")
 GAP_REASON_LABELS = (*GAP_REASONS, "other")
 
@@ -42,12 +44,20 @@ class WorkerMetrics:
         r = self.registry
         self.events = Counter(
             "presence_worker_events_total",
-            "RAW events processed, by outcome (applied, duplicate, stale, invalid).",
+            "RAW events processed, by outcome (applied, duplicate, stale, too_late (R5), invalid).",
             ["outcome"],
             registry=r,
         )
         for outcome in OUTCOMES:
             self.events.labels(outcome)
+        self.reconcile_corrections = Counter(
+            "presence_worker_reconcile_corrections_total",
+            "Observations applied, by what they did (R2-R4): session_ended, synthetic_opened, verified (agreed).",
+            ["kind"],
+            registry=r,
+        )
+        for kind in CORRECTION_KINDS:
+            self.reconcile_corrections.labels(kind)
         self.transitions = Counter(
             "presence_worker_transitions_total",
             "User-level transitions emitted to TRANSITIONS, by from/to status (re-sends included).",

@@ -11,7 +11,7 @@ safe under rebalance, and it is only a hint: every popped entry is checked again
 
 Stream time per partition is kept in memory and stored with every record the partition writes (``"t"``), so it
 costs no write of its own: the restored stream time is the largest one among the restored records, read while
-the index is rebuilt. A record deleted by a sweep takes its stream time with it, so before a deletion the
+the index is rebuilt. A record purged from the table takes its stream time with it, so before a purge the
 partition's stream time is also written under a reserved key.
 
 Reconciliation (R1-R5, docs/reconciliation.md) asks this class for users worth a check with RongCloud: users shown
@@ -20,6 +20,23 @@ the same pass, updated on every write, by wall-clock due time; :meth:`Processor.
 table. They go to a :class:`~streams.reconcile.CheckSink`, the worker's checker. A gateway's intake-gap marker
 on RAW is set aside (:meth:`Processor.take_gaps`) for the runtime to scan the partition's records outside the
 agent (:meth:`Processor.gap_candidates`): scanning a partition is too slow to do between two messages.
+
+Re-sends after a restart (S10). A redelivered RAW record re-sends what it caused from its user's memory, but a
+sweep's release or deletion belongs to another user and would be missed, so a restart also re-sends, before
+anything else, every remembered transition that may not have reached Kafka:
+
+* Faust commits every partition's processed offsets together, after the producer has every message sent so far
+  acknowledged. So the first offset processed after a (re)assignment, ``f``, is the committed one, and a
+  message of that topic partition triggered an unacknowledged send only if its offset is ``>= f``.
+* Every remembered transition names its trigger's position (``p@offset`` on RAW, ``tick:p@offset`` on the tick
+  topic). When the first message of a topic arrives, the user of every transition triggered at ``>= f`` gets its
+  whole memory re-sent in ``seq`` order, with its STATE; before the first message of the other topic, a user
+  remembering a transition of that topic is re-sent the same way before anything new is sent for it. A user's
+  re-sends therefore always precede its new transitions: no consumer sees a ``seq`` jump.
+* A deleted user's final record stays in the table as a marker (``"x"``: the deleting message's position):
+  invisible to queries, gauges and sweeps, treated as unknown by a new event, recognised by a redelivered one.
+  It is purged once its position is known committed (below ``f`` at a restart), or when the partition holds
+  more than ``deletion_memory`` of them, oldest first.
 """
 
 from __future__ import annotations
@@ -28,7 +45,7 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
@@ -66,12 +83,27 @@ _STREAM_TIME = "t"
 STREAM_TIME_KEY = "~" * (MAX_USERID_LENGTH + 1) + "stream-time/"
 
 
+# ... and "x" on a deleted user's final record (a marker): the position of the message whose sweep deleted it.
+_DELETED_BY = "x"
+_TICK_PREFIX = "tick:"
+RAW: Final = "raw"
+TICK: Final = "tick"
+_KINDS: Final = frozenset((RAW, TICK))
+
+
 class Stored(NamedTuple):
-    """A table value decoded: the record, the newest RAW offset applied to it, the stream time it was written at."""
+    """A table value decoded: the record, the newest RAW offset applied to it, the stream time it was written at,
+    and, for a deleted user's marker, the position of the message that deleted it."""
 
     record: UserRecord | None
     applied: int
     stream_time: int
+    deleted_by: str | None = None
+
+    @property
+    def live(self) -> UserRecord | None:
+        """The record if the user exists (not deleted)."""
+        return self.record if self.deleted_by is None else None
 
 
 _NOTHING = Stored(None, -1, 0)
@@ -81,18 +113,64 @@ def decode_stored(value: bytes | None) -> Stored:
     if value is None:
         return _NOTHING
     data = orjson.loads(value)
-    return Stored(rules.record_from_dict(data), int(data.get(_APPLIED, -1)), int(data.get(_STREAM_TIME, 0)))
+    return Stored(
+        rules.record_from_dict(data),
+        int(data.get(_APPLIED, -1)),
+        int(data.get(_STREAM_TIME, 0)),
+        data.get(_DELETED_BY),
+    )
 
 
 def decode_record(value: bytes | None) -> UserRecord | None:
-    return decode_stored(value).record
+    """The user's record, None if there is none or the user is deleted."""
+    return decode_stored(value).live
 
 
-def encode_record(record: UserRecord, applied_offset: int = -1, stream_time: int = 0) -> bytes:
+def encode_record(
+    record: UserRecord, applied_offset: int = -1, stream_time: int = 0, deleted_by: str | None = None
+) -> bytes:
     data = rules.record_to_dict(record)
     data[_APPLIED] = applied_offset
     data[_STREAM_TIME] = stream_time
+    if deleted_by is not None:
+        data[_DELETED_BY] = deleted_by
     return orjson.dumps(data)
+
+
+def raw_position(partition: int, offset: int) -> str:
+    return f"{partition}@{offset}"
+
+
+def tick_position(partition: int, offset: int) -> str:
+    return f"{_TICK_PREFIX}{partition}@{offset}"
+
+
+def parse_position(position: str) -> tuple[str, int] | None:
+    """``(kind, offset)`` of a position written by :func:`raw_position` or :func:`tick_position`, else None."""
+    kind = RAW
+    if position.startswith(_TICK_PREFIX):
+        kind, position = TICK, position[len(_TICK_PREFIX) :]
+    _, sep, offset = position.partition("@")
+    if not sep or not offset.isdigit():
+        return None
+    return kind, int(offset)
+
+
+def _triggered_at_or_after(record: UserRecord, kind: str, first: int) -> bool:
+    """Whether a remembered transition of ``record`` was triggered by a message of ``kind`` at offset >= ``first``."""
+    for memo in record.memory:
+        position = parse_position(memo.trigger_delivery)
+        if position is not None and position[0] == kind and position[1] >= first:
+            return True
+    return False
+
+
+def _triggered_by_any(record: UserRecord, kinds: set[str]) -> bool:
+    for memo in record.memory:
+        position = parse_position(memo.trigger_delivery)
+        if position is not None and position[0] in kinds:
+            return True
+    return False
 
 
 def is_user_key(key: str) -> bool:
@@ -256,6 +334,12 @@ class Processor:
         self._advanced_at: dict[int, int] = {}
         # Gauges per partition: users, online users, sessions, online sessions by platform.
         self._counts: dict[int, _Counts] = {}
+        # S10 after a (re)assignment: the topics (RAW, tick) whose first offset is not known yet, the users whose
+        # memory was re-sent meanwhile, and the deleted users' markers, oldest first: (userid, deleted by).
+        self._undecided: dict[int, set[str]] = {}
+        self._first: dict[int, dict[str, int]] = {}
+        self._resent: dict[int, set[str]] = {}
+        self._markers: dict[int, deque[tuple[str, str]]] = {}
         # Reconciliation (off until enable_reconciliation): where checks go, and the age index per partition.
         self._checks: CheckSink | None = None
         self._age: AgePolicy | None = None
@@ -274,22 +358,24 @@ class Processor:
         self, partition: int, offset: int, key: bytes | None, value: bytes | None, now_ms: int
     ) -> list[Outgoing]:
         """Process the RAW message at ``offset`` of ``partition``."""
-        source = f"{partition}@{offset}"
+        source = raw_position(partition, offset)
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
             event = contract.decode_raw_record(key, value, delivery_id=source)
-            if isinstance(event, contract.Observation):
-                raise contract.InvalidRaw("invalid_raw", "observations are not applied by this worker yet")
         except contract.InvalidRaw as exc:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
                 self._metrics.dead_letters.labels(exc.reason).inc()
             return [dead_letter(exc.reason, str(exc), key, value, now_ms)]
+        out: list[Outgoing] = []
+        self._start(partition, RAW, offset, out, now_ms)
         if isinstance(event, contract.GapMarker):
             self._on_gap(partition, event)
-            return []
-        self._ensure_index(partition)
+            return out
+        if isinstance(event, contract.Observation):
+            self._on_observation(partition, offset, event, out, now_ms)
+            return out
         stream_time = self._stream_time[partition]
         if event.time > stream_time:
             self._stream_time[partition] = event.time
@@ -298,24 +384,32 @@ class Processor:
                 self._metrics.stream_time_seconds.labels(str(partition)).set(event.time / 1000)
 
         userid = event.userid
-        old, applied, _ = decode_stored(self._table.get(userid))
-        if old is not None and offset <= applied:
+        stored = self._stored(partition, userid, out, now_ms)
+        old = stored.record
+        if old is not None and offset <= stored.applied:
             # Already applied (a redelivery after a crash or rebalance): applying it again could re-create a
-            # session S6 has dropped since. Re-send what it caused, and write the record again: the first
-            # write may never have reached the changelog.
+            # session S6 has dropped since, or a user deleted since. Re-send what it caused, and write the record
+            # again: the first write may never have reached the changelog.
             new, result = old, rules.redelivered(old, event)
-            self._write(partition, userid, old, new, applied)
+            self._write(partition, userid, stored.live, old, stored.applied, stored.deleted_by)
+            deleted = stored.deleted_by is not None
         else:
-            # Rules see the stream time from before this event: an event does not make itself late.
-            new, result = rules.apply(old, event, stream_time, self._config)
+            # Rules see the stream time from before this event: an event does not make itself late. A deleted
+            # user's marker is no record: the event starts a new one.
+            new, result = rules.apply(stored.live, event, stream_time, self._config)
+            if stored.deleted_by is not None and stored.record is not None:
+                new = rules.reborn(stored.record, new, self._config)
             # Every applied message is recorded in the record's applied offset, duplicates and stale ones too.
-            self._write(partition, userid, old, new, offset)
+            self._write(partition, userid, stored.live, new, offset)
+            deleted = False
         if self._metrics:
             self._metrics.events.labels(result.outcome).inc()
             self._metrics.event_time_lag.observe(max(0, now_ms - event.time) / 1000)
-        out: list[Outgoing] = []
-        self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
-                   event.received_at)  # fmt: skip
+        if result.outcome == "too_late" and self._checks is not None:
+            # R5: too old to judge; RongCloud's answer after the event's receipt settles the user's status.
+            self._checks.offer(userid, "suspect", fresh_after=event.received_at)
+        self._emit(out, userid, None if deleted else new, result.transitions, result.reemitted,
+                   result.publish_state, now_ms, event.received_at, tombstone=deleted)  # fmt: skip
         out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
         return out
 
@@ -357,6 +451,34 @@ class Processor:
                 collected.apply_to(metrics)  # type: ignore[union-attr]
         return out, done
 
+    def _on_observation(
+        self, partition: int, offset: int, observation: contract.Observation, out: list[Outgoing], now_ms: int
+    ) -> None:
+        """Apply an observation (R2-R4) in order with the user's events. Its time is the checker's wall clock, not
+        an event time, so it does not move stream time."""
+        userid = observation.userid
+        stream_time = self._stream_time[partition]
+        stored = self._stored(partition, userid, out, now_ms)
+        old = stored.record
+        if old is not None and offset <= stored.applied:
+            # A redelivery (S10): re-send what it caused, change nothing.
+            result = rules.redelivered(old, observation)
+            self._write(partition, userid, stored.live, old, stored.applied, stored.deleted_by)
+            deleted = stored.deleted_by is not None
+            self._emit(out, userid, None if deleted else old, result.transitions, result.reemitted,
+                       result.publish_state, now_ms, None, tombstone=deleted)  # fmt: skip
+            return
+        new, result = rules.apply_observation(stored.live, observation, stream_time, self._config)
+        if self._metrics and result.correction is not None:
+            self._metrics.reconcile_corrections.labels(result.correction).inc()
+        if new is None:
+            return  # offline and unknown: nothing to keep
+        if stored.deleted_by is not None and stored.record is not None:
+            new = rules.reborn(stored.record, new, self._config)
+        self._write(partition, userid, stored.live, new, offset)
+        self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms, None)
+        out.extend(self._sweep_due(partition, stream_time, now_ms, raw_position(partition, offset)))
+
     def on_tick(self, partition: int, offset: int, now_ms: int) -> list[Outgoing]:
         """A periodic tick for ``partition``: releases S8 holds on a partition with no events for G of wall time.
 
@@ -367,13 +489,21 @@ class Processor:
         grace = self._config.offline_grace_ms
         if grace <= 0:
             return []
-        self._ensure_index(partition)
+        out: list[Outgoing] = []
+        self._start(partition, TICK, offset, out, now_ms)
         idle = now_ms - self._advanced_at.setdefault(partition, now_ms)
         if idle < grace:
-            return []
-        return self._sweep_due(
-            partition, self._stream_time[partition] + idle, now_ms, f"{partition}@{offset}", holds_only=True
+            return out
+        out.extend(
+            self._sweep_due(
+                partition,
+                self._stream_time[partition] + idle,
+                now_ms,
+                tick_position(partition, offset),
+                holds_only=True,
+            )
         )
+        return out
 
     def stream_time(self, partition: int) -> int:
         """The largest event time applied on ``partition`` (restored from the table after a restart)."""
@@ -391,6 +521,10 @@ class Processor:
             self._advanced_at.pop(partition, None)
             self._counts.pop(partition, None)
             self._age_index.pop(partition, None)
+            self._undecided.pop(partition, None)
+            self._first.pop(partition, None)
+            self._resent.pop(partition, None)
+            self._markers.pop(partition, None)
         self._publish_gauges()
 
     def forget_all(self) -> None:
@@ -402,22 +536,46 @@ class Processor:
         for partition in partitions:
             self._ensure_index(partition)
 
-    def _ensure_index(self, partition: int) -> None:
+    def _start(self, partition: int, kind: str, offset: int, out: list[Outgoing], now_ms: int) -> None:
+        """Before a message of ``kind`` at ``offset``: rebuild the partition's state, and if this is the first
+        message of its topic since, re-send what may have been lost (see module doc)."""
+        if partition not in self._due:
+            self._ensure_index(partition, (kind, offset), out, now_ms)
+        elif kind in self._undecided[partition]:
+            self._decide(partition, kind, offset, out, now_ms, None)
+
+    def _ensure_index(
+        self,
+        partition: int,
+        first: tuple[str, int] | None = None,
+        out: list[Outgoing] | None = None,
+        now_ms: int = 0,
+    ) -> None:
         if partition in self._due:
             return
         scheduled: dict[str, int] = {}
         counts = _Counts()
         age = _DueIndex() if self._age is not None else None
+        markers: list[tuple[int, str, str]] = []
+        resend: list[str] = []
         stored_time = self._table.get(f"{STREAM_TIME_KEY}{partition}")
         stream_time = int(stored_time) if stored_time else 0
-        # One pass over the partition's records: sweep index, gauges and the stream time they were written at.
+        # One pass over the partition's records: sweep index, gauges, the stream time they were written at, the
+        # deleted users' markers and the users to re-send to (when the first message's position is known).
         for userid, value in self._records_of_partition(partition):
             if not is_user_key(userid):
                 continue
-            record, _, written_at = decode_stored(value)
+            stored = decode_stored(value)
+            record = stored.record
             if record is None:
                 continue
-            stream_time = max(stream_time, written_at)
+            stream_time = max(stream_time, stored.stream_time)
+            if first is not None and record.memory and _triggered_at_or_after(record, *first):
+                resend.append(userid)
+            if stored.deleted_by is not None:
+                position = parse_position(stored.deleted_by)
+                markers.append((-1 if position is None else position[1], userid, stored.deleted_by))
+                continue
             counts.add(record, 1)
             due = rules.next_sweep_at(record, self._config)
             if due is not None:
@@ -430,30 +588,123 @@ class Processor:
         self._due[partition] = _heap_of(scheduled)
         self._scheduled[partition] = scheduled
         self._counts[partition] = counts
+        self._markers[partition] = deque((userid, by) for _, userid, by in sorted(markers))
+        self._resent[partition] = set()
+        self._first[partition] = {}
+        # Without damping no tick is ever processed (nor sent): nothing to wait for on the tick topic.
+        self._undecided[partition] = set(_KINDS) if self._config.offline_grace_ms > 0 else {RAW}
+        if first is not None:
+            self._decide(partition, first[0], first[1], out if out is not None else [], now_ms, resend)
         self._publish_gauges()
+
+    def _decide(
+        self,
+        partition: int,
+        kind: str,
+        first: int,
+        out: list[Outgoing],
+        now_ms: int,
+        resend: list[str] | None,
+    ) -> None:
+        """The first message of ``kind`` since the rebuild is at offset ``first``: everything of that topic below
+        it is committed, so acknowledged (S10). Re-send every user with a transition triggered at or after it,
+        and purge the markers of deletions below it."""
+        self._undecided[partition].discard(kind)
+        self._first[partition][kind] = first
+        resent = self._resent[partition]
+        if resend is None:
+            resend = []
+            for userid, value in self._records_of_partition(partition):
+                if not is_user_key(userid) or userid in resent:
+                    continue
+                record = decode_stored(value).record
+                if record is not None and record.memory and _triggered_at_or_after(record, kind, first):
+                    resend.append(userid)
+        for userid in resend:
+            if userid not in resent:
+                self._resend(partition, userid, decode_stored(self._table.get(userid)), out, now_ms)
+        markers = self._markers[partition]
+        kept = deque(m for m in markers if not _committed_below(m[1], kind, first))
+        for userid, deleted_by in markers:
+            if _committed_below(deleted_by, kind, first):
+                self._purge(partition, userid, deleted_by)
+        self._markers[partition] = kept
+        if not self._undecided[partition]:
+            resent.clear()
+
+    def _stored(self, partition: int, userid: str, out: list[Outgoing], now_ms: int) -> Stored:
+        """The user's table value, after re-sending its memory if a restart may have lost part of it and the
+        position of the topic that triggered it is not known yet (see module doc)."""
+        stored = decode_stored(self._table.get(userid))
+        undecided = self._undecided.get(partition)
+        if (
+            undecided
+            and stored.record is not None
+            and stored.record.memory
+            and userid not in self._resent[partition]
+            and _triggered_by_any(stored.record, undecided)
+        ):
+            self._resend(partition, userid, stored, out, now_ms)
+        return stored
+
+    def _resend(self, partition: int, userid: str, stored: Stored, out: list[Outgoing], now_ms: int) -> None:
+        """Re-send the user's remembered transitions from the first one a restart may have lost, and its STATE."""
+        record = stored.record
+        if record is None:
+            return
+        self._resent[partition].add(userid)
+        undecided = self._undecided[partition]
+        first = self._first[partition]
+        # Memory is in processing order: from the first transition triggered after the last commit (or by a
+        # topic whose first offset is not known yet), every later one may be lost too; the earlier ones are not.
+        # A topic neither waited for nor seen (ticks without damping) has nothing waiting.
+        start = next(
+            (
+                i
+                for i, memo in enumerate(record.memory)
+                if (position := parse_position(memo.trigger_delivery)) is not None
+                and (position[0] in undecided or position[1] >= first.get(position[0], position[1] + 1))
+            ),
+            None,
+        )
+        if start is None:
+            return
+        deleted = stored.deleted_by is not None
+        lost = rules.remembered(record)[start:]
+        self._emit(
+            out, userid, None if deleted else record, lost, True, True, now_ms, None, tombstone=deleted
+        )
 
     # --- internals ------------------------------------------------------------------------------------------
 
     def _write(
-        self, partition: int, userid: str, old: UserRecord | None, new: UserRecord | None, applied: int
+        self,
+        partition: int,
+        userid: str,
+        old: UserRecord | None,
+        new: UserRecord,
+        applied: int,
+        deleted_by: str | None = None,
     ) -> None:
+        """Write ``new`` over ``old`` (the live record, None for none or a marker); a marker if ``deleted_by``."""
         counts = self._counts.get(partition)
         if counts is not None:
             if old is not None:
                 counts.add(old, -1)
-            if new is not None:
+            if deleted_by is None:
                 counts.add(new, 1)
-        stream_time = self._stream_time[partition]
-        if new is None:
-            # The deleted record's "t" may be the partition's largest: keep the stream time (see module doc).
-            self._table[f"{STREAM_TIME_KEY}{partition}"] = str(stream_time).encode()
-            self._table.pop(userid, None)
-            self._schedule(partition, userid, None)
-            self._schedule_age(partition, userid, None)
+        self._table[userid] = encode_record(new, applied, self._stream_time[partition], deleted_by)
+        live = deleted_by is None
+        self._schedule(partition, userid, rules.next_sweep_at(new, self._config) if live else None)
+        self._schedule_age(partition, userid, new if live else None)
+
+    def _purge(self, partition: int, userid: str, deleted_by: str) -> None:
+        """Remove a deleted user's marker, unless the user has come back since."""
+        if decode_stored(self._table.get(userid)).deleted_by != deleted_by:
             return
-        self._table[userid] = encode_record(new, applied, stream_time)
-        self._schedule(partition, userid, rules.next_sweep_at(new, self._config))
-        self._schedule_age(partition, userid, new)
+        # The marker's "t" may be the partition's largest: keep the stream time (see module doc).
+        self._table[f"{STREAM_TIME_KEY}{partition}"] = str(self._stream_time[partition]).encode()
+        self._table.pop(userid, None)
 
     def _schedule(self, partition: int, userid: str, due: int | None) -> None:
         heap = self._due.get(partition)
@@ -480,7 +731,9 @@ class Processor:
         publish_state: bool,
         now_ms: int,
         received_at: int | None,
+        tombstone: bool = False,
     ) -> None:
+        """Queue ``transitions``, then the user's STATE: ``record`` if ``publish_state``, or a tombstone."""
         key = userid.encode()
         include_ip = self._config.include_client_ip
         for transition in transitions:
@@ -493,10 +746,14 @@ class Processor:
                     self._metrics.pipeline_latency.observe(max(0, now_ms - received_at) / 1000)
         if reemitted and self._metrics:
             self._metrics.reemitted.inc()
-        if publish_state and record is not None:
+        if tombstone:
+            out.append(Outgoing("state", key, None))
+        elif publish_state and record is not None:
             out.append(Outgoing("state", key, orjson.dumps(rules.state_payload(record, include_ip))))
-            if self._metrics:
-                self._metrics.state_updates.inc()
+        else:
+            return
+        if self._metrics:
+            self._metrics.state_updates.inc()
 
     def _sweep_due(
         self, partition: int, stream_time: int, now_ms: int, source: str, holds_only: bool = False
@@ -508,12 +765,19 @@ class Processor:
             return out
         budget = self._sweep_batch
         deferred: list[tuple[int, str]] = []
+        swept: set[str] = set()
         while heap and heap[0][0] <= stream_time and budget > 0:
             entry_due, userid = heapq.heappop(heap)
             if scheduled.get(userid) != entry_due:
                 continue  # superseded by a later write
             del scheduled[userid]
-            record, applied, _ = decode_stored(self._table.get(userid))
+            if userid in swept:
+                # Swept already at this stream time and by this message: sweeping it again with the same trigger
+                # would take its own transitions for a redelivery's. The next message sweeps it.
+                deferred.append((entry_due, userid))
+                continue
+            stored = self._stored(partition, userid, out, now_ms)
+            record = stored.live
             if record is None:
                 continue
             due = rules.next_sweep_at(record, self._config)
@@ -527,15 +791,25 @@ class Processor:
                 self._schedule(partition, userid, due)
                 continue
             budget -= 1
-            new, result = rules.sweep(record, stream_time, self._config, source)
+            swept.add(userid)
+            new, result = rules.sweep(record, stream_time, self._config, source, releases_only=holds_only)
             if result.deleted:
-                self._write(partition, userid, record, None, applied)
-                out.append(Outgoing("state", userid.encode(), None))
+                assert new is not None  # noqa: S101 - a deleting sweep returns the final record
+                # The final record stays as a marker until its deletion is known to have reached Kafka (S10).
+                self._write(partition, userid, record, new, stored.applied, source)
+                self._markers[partition].append((userid, source))
+                self._emit(out, userid, None, result.transitions, False, False, now_ms, None, tombstone=True)
                 if self._metrics:
                     self._metrics.users_deleted.inc()
-                    self._metrics.state_updates.inc()
-            elif result.record_changed:
-                self._write(partition, userid, record, new, applied)
+                markers = self._markers[partition]
+                while len(markers) > self._config.deletion_memory:
+                    self._purge(partition, *markers.popleft())
+                continue
+            if result.record_changed and new is not None:
+                self._write(partition, userid, record, new, stored.applied)
+            else:
+                # Nothing was due after all (a tick releases holds only): keep the user in the index.
+                deferred.append((due, userid))
             self._emit(out, userid, new, result.transitions, result.reemitted, result.publish_state, now_ms,
                        None)  # fmt: skip
         for due, userid in deferred:
@@ -548,7 +822,8 @@ class Processor:
         """When ``record``'s user is due an ``age`` check if nothing changes (None: not while not shown online)."""
         if self._age is None or record.status != "online":
             return None
-        return self._age.due(record.last_seen, None)
+        # R4: an agreeing observation postpones the next check by the recheck interval.
+        return self._age.due(record.last_seen, record.verified_at)
 
     def _schedule_age(self, partition: int, userid: str, record: UserRecord | None) -> None:
         index = self._age_index.get(partition)
@@ -579,8 +854,9 @@ class Processor:
         for userid, value in self._records_of_partition(partition):
             if not is_user_key(userid):
                 continue
-            record = decode_record(value)
-            if record is None:
+            stored = decode_stored(value)
+            record = stored.record
+            if record is None or stored.deleted_by is not None:
                 continue
             online = record.status == "online"
             since = min((s.since for s in record.sessions.values() if s.status == "online"), default=None)
@@ -638,6 +914,11 @@ class Processor:
         m.sessions.set(total.sessions)
         for platform, count in total.online_by_platform.items():
             m.online_sessions.labels(platform).set(count)
+
+
+def _committed_below(position: str, kind: str, first: int) -> bool:
+    parsed = parse_position(position)
+    return parsed is not None and parsed[0] == kind and parsed[1] < first
 
 
 def _heap_of(scheduled: Mapping[str, int]) -> list[tuple[int, str]]:

@@ -18,6 +18,14 @@ Decisions on cases the contract leaves open:
   because S7 emits whenever the S5 status changes and that is the information a consumer needs.
 * **epoch** is the time of the event that created the record. A user deleted under S6 and seen again starts a new
   record, hence a new epoch (normally far later), and ``seq`` restarts at 1.
+* **Deletion (S6, S7).** Deleting a user changes what the query API answers (a record, then 404, which consumers
+  read as ``offline``), so it is a transition like any other: ``from`` the status shown ``to: "offline"``, with
+  cause event ``deleted`` (session ``-``, no os or IP), ``at`` = ``last_seen + user_retention_ms`` (the instant the
+  retention ran out, a function of the record alone, so a recomputed deletion is identical), next ``seq`` of
+  the epoch. It is emitted even from ``offline``: ``to`` stays within the statuses every v1 reader knows, and the
+  cause tells a follower to forget the user. A consumer that saw it infers ``offline``, which is exactly what a
+  new record created by an offline shows, so such a record still emits nothing, and one created by a logout or
+  an online emits its change from ``offline``.
 * **Stream time** inside :func:`apply` is ``max(stream_time, event.time)``: the event being applied belongs to
   the partition, so stream time has reached it. A held transition whose window that time has passed is released
   *before* the event is applied, so an online later than ``t + G`` never cancels an expired hold.
@@ -32,10 +40,13 @@ Decisions on cases the contract leaves open:
 * **Client IPs.** With ``include_client_ip`` off, IPs are not even stored in the record (nor in its changelog):
   what is never published need not be kept.
 * **Re-emits (S10).** The record remembers its last ``transition_memory`` transitions with the event (or sweep
-  stream time) that triggered them. An event found duplicate or stale that matches a remembered trigger, delivery
-  id included, re-emits those transitions unchanged, so a worker that wrote the table but died before its sends were acknowledged
-  repairs the gap on redelivery. A redelivered tick (same tick id and stream time) does the same for a release.
-  This needs the glue to hand a redelivered message the same stream time it had the first time.
+  stream time and delivery) that triggered them. An event found duplicate or stale that matches a remembered
+  trigger, delivery id included, re-emits those transitions unchanged, and every remembered one after them (a
+  re-send always ends on the user's latest transition), so a worker that wrote the table but died
+  before its sends were acknowledged repairs the gap on redelivery. :func:`remembered` hands out the whole memory,
+  for the glue to re-send what a restart may have lost but no redelivered event names: sweep releases and
+  deletions. A deleting sweep therefore returns the user's final record, memory included, for the glue to keep
+  as long as a re-send may be needed.
 """
 
 from __future__ import annotations
@@ -44,10 +55,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
-from core.contract import CODE_BY_STATUS, STATUS_BY_CODE, Event, EventStatus
+from core.contract import CODE_BY_STATUS, STATUS_BY_CODE, Event, EventStatus, Observation
 
 UserStatus = Literal["online", "offline", "logged_out"]
-Outcome = Literal["applied", "duplicate", "stale"]
+# ``too_late`` (R5): an event for a session the record does not know, older than the ended-session horizon.
+Outcome = Literal["applied", "duplicate", "stale", "too_late"]
+# What caused a transition: an upstream event, the deletion of an idle user (S6), or an observation (R2, R3).
+CauseEvent = Literal["online", "offline", "logout", "deleted", "reconcile"]
+# What an applied observation did (R2-R4); a metric label.
+Correction = Literal["session_ended", "synthetic_opened", "verified"]
 
 SCHEMA_VERSION: Final = 1
 MINUTE_MS: Final = 60_000
@@ -57,6 +73,9 @@ DAY_MS: Final = 24 * 60 * MINUTE_MS
 # rank the same way, so the code doubles as the priority.
 _PRIORITY: Final = CODE_BY_STATUS
 _SWEEP_TRIGGER: Final = "sweep"
+RECONCILE: Final = "reconcile"
+# A deletion's cause names no session; the schema requires a non-empty string, so it is a fixed placeholder.
+DELETION_SESSION: Final = "-"
 
 # An event's trigger is ``Event.trigger``. A trigger names what caused transitions to be emitted, so a redelivery of it can re-emit them:
 # (session_id, event status, event time, delivery id) for an event, (None, "sweep", stream time, tick id) for a
@@ -74,6 +93,11 @@ class PresenceConfig:
     offline_grace_ms: int = 0
     include_client_ip: bool = True
     transition_memory: int = 8
+    # Deleted users whose final record the glue keeps per partition, to re-send their deletion after a crash (S10).
+    deletion_memory: int = 10_000
+    # R2: an offline observation at T ends only sessions whose newest event is older than T - margin (clock skew
+    # between our clock and RongCloud's, and the moment RongCloud registers a new connection).
+    reconcile_margin_ms: int = 30_000
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,6 +105,8 @@ class PresenceConfig:
             "user_retention_ms",
             "offline_grace_ms",
             "transition_memory",
+            "deletion_memory",
+            "reconcile_margin_ms",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -102,7 +128,7 @@ class SessionState(NamedTuple):
 
 class Cause(NamedTuple):
     session_id: str
-    event: EventStatus
+    event: CauseEvent
     os: str | None
     client_ip: str | None
 
@@ -168,7 +194,7 @@ class Memo(NamedTuple):
     to_status: UserStatus
     at: int
     cause_session: str
-    cause_event: EventStatus
+    cause_event: CauseEvent
     cause_os: str | None
     cause_ip: str | None
     platforms: tuple[str, ...]
@@ -217,6 +243,14 @@ class UserRecord(NamedTuple):
     status: UserStatus
     held: HeldTransition | None
     memory: tuple[Memo, ...]
+    # Reconciliation (R2-R4); None until an observation sets them. ``verified_at``: the newest observation that
+    # agreed (R4). ``offline_horizon``: the largest T - margin among offline observations (R2): an online event
+    # older than it is stale, even for a session the record does not know. ``observed_online_at``: the newest
+    # online observation (R3): while it is at or after ``last_seen`` and no later offline observation arrived,
+    # the user counts as online (a synthetic session, listed in no session).
+    verified_at: int | None = None
+    offline_horizon: int | None = None
+    observed_online_at: int | None = None
 
 
 class ApplyResult(NamedTuple):
@@ -231,10 +265,16 @@ class ApplyResult(NamedTuple):
     record_changed: bool
     publish_state: bool
     reemitted: bool
+    # For an observation: what it corrected or confirmed (None: nothing, e.g. overruled by newer events).
+    correction: Correction | None = None
 
 
 class SweepResult(NamedTuple):
-    """What the glue must do after :func:`sweep`; ``deleted`` means delete the key and send a tombstone."""
+    """What the glue must do after :func:`sweep`.
+
+    ``deleted`` means the user is deleted: send ``transitions`` (the deletion), then a STATE tombstone. The
+    record returned with it is the user's final form, kept only to re-send the deletion (S10), never shown.
+    """
 
     transitions: tuple[Transition, ...]
     record_changed: bool
@@ -254,6 +294,13 @@ def _has_online(sessions: Mapping[str, SessionState]) -> bool:
     return False
 
 
+def _synthetic(record: UserRecord) -> bool:
+    """R3: an online observation at or after the newest event, with no later offline observation, keeps the user
+    online although no session is."""
+    observed = record.observed_online_at
+    return observed is not None and observed >= record.last_seen
+
+
 def _down_status(last_end_logout: bool) -> UserStatus:
     return "logged_out" if last_end_logout else "offline"
 
@@ -262,7 +309,7 @@ def computed_status(record: UserRecord | None) -> UserStatus:
     """The S5 status from the sessions alone, ignoring any S8 hold."""
     if record is None:
         return "offline"
-    if _has_online(record.sessions):
+    if _has_online(record.sessions) or _synthetic(record):
         return "online"
     return _down_status(record.last_end_logout)
 
@@ -300,7 +347,45 @@ def _remember(
 
 
 def _recall(userid: str, memory: tuple[Memo, ...], trigger: Trigger) -> list[Transition]:
-    return [m.transition(userid) for m in memory if m.matches(trigger)]
+    """What ``trigger`` caused, and every transition remembered after it.
+
+    The re-send runs to the user's latest transition so that a consumer ends on it whatever it received
+    meanwhile: a repeat of an older transition alone could otherwise follow a deletion the consumer has seen.
+    """
+    for i, memo in enumerate(memory):
+        if memo.matches(trigger):
+            return [m.transition(userid) for m in memory[i:]]
+    return []
+
+
+def _new_record(userid: str, at: int) -> UserRecord:
+    """The record of a user first seen at ``at``: shown ``offline``, S5's status for a user never seen."""
+    return UserRecord(
+        userid=userid,
+        sessions={},
+        epoch=at,
+        seq=0,
+        last_seen=at,
+        last_end_time=None,
+        last_end_logout=False,
+        status="offline",
+        held=None,
+        memory=(),
+    )
+
+
+def _release_expired(
+    record: UserRecord, now: int, emitted: list[Transition]
+) -> tuple[int, UserStatus, HeldTransition | None]:
+    """Release ``record``'s held transition (S8) if stream time ``now`` is past its window, appending it to
+    ``emitted``: before anything else is applied, so a later event never cancels an expired hold. Returns the
+    seq, shown status and hold that remain."""
+    held = record.held
+    if held is None or now <= held.release_after:
+        return record.seq, record.status, held
+    seq = record.seq + 1
+    emitted.append(_release(record.userid, record.status, held, record.epoch, seq))
+    return seq, held.to_status, None
 
 
 def _release(
@@ -319,30 +404,12 @@ def apply(
     what to emit.
     """
     now = stream_time if stream_time >= event.time else event.time
+    existed = record is not None
     if record is None:
-        # Seed shown status = offline: S5's status for a user never seen.
-        record = UserRecord(
-            userid=event.userid,
-            sessions={},
-            epoch=event.time,
-            seq=0,
-            last_seen=event.time,
-            last_end_time=None,
-            last_end_logout=False,
-            status="offline",
-            held=None,
-            memory=(),
-        )
+        record = _new_record(event.userid, event.time)
 
     emitted: list[Transition] = []
-    seq = record.seq
-    shown = record.status
-    held = record.held
-    if held is not None and now > held.release_after:
-        seq += 1
-        emitted.append(_release(record.userid, shown, held, record.epoch, seq))
-        shown = held.to_status
-        held = None
+    seq, shown, held = _release_expired(record, now, emitted)
 
     sessions = record.sessions
     old = sessions.get(event.session_id)
@@ -352,28 +419,61 @@ def apply(
     ):
         # S1 / S2 / S3: the session's newest event wins; this one changes nothing.
         duplicate = event.time == old.time and event.status == old.status
-        reemits = _recall(record.userid, record.memory, event.trigger)
-        if emitted:
-            record = UserRecord(
-                userid=record.userid,
-                sessions=sessions,
-                epoch=record.epoch,
-                seq=seq,
-                last_seen=record.last_seen,
-                last_end_time=record.last_end_time,
-                last_end_logout=record.last_end_logout,
-                status=shown,
-                held=held,
-                memory=_remember(record.memory, event.trigger, emitted, config.transition_memory),
-            )
-        return record, ApplyResult(
-            "duplicate" if duplicate else "stale",
-            tuple(reemits + emitted),
-            bool(emitted),
-            duplicate or bool(emitted),
-            bool(reemits),
+        return _unapplied(
+            record, event, seq, shown, held, emitted, config, "duplicate" if duplicate else "stale"
         )
+    if old is None and existed:
+        horizon = record.offline_horizon
+        if event.status == "online" and horizon is not None and event.time < horizon:
+            # R2: an online older than an offline observation's horizon is stale, even for a session never seen.
+            return _unapplied(record, event, seq, shown, held, emitted, config, "stale")
+        if event.time < now - config.ended_session_retention_ms:
+            # R5: the session may have ended and been forgotten (S6); opening it could leave it online for good.
+            return _unapplied(record, event, seq, shown, held, emitted, config, "too_late")
+    return _applied(record, event, now, seq, shown, held, emitted, old, config)
 
+
+def _unapplied(
+    record: UserRecord,
+    event: Event,
+    seq: int,
+    shown: UserStatus,
+    held: HeldTransition | None,
+    emitted: list[Transition],
+    config: PresenceConfig,
+    outcome: Outcome,
+) -> tuple[UserRecord, ApplyResult]:
+    """An event that changes no session (S1-S3, R2's horizon, R5): only a release it triggered, and re-sends."""
+    duplicate = outcome == "duplicate"
+    reemits = _recall(record.userid, record.memory, event.trigger)
+    if emitted:
+        record = record._replace(
+            seq=seq,
+            status=shown,
+            held=held,
+            memory=_remember(record.memory, event.trigger, emitted, config.transition_memory),
+        )
+    return record, ApplyResult(
+        outcome,
+        tuple(reemits + emitted),
+        bool(emitted),
+        duplicate or bool(emitted),
+        bool(reemits),
+    )
+
+
+def _applied(
+    record: UserRecord,
+    event: Event,
+    now: int,
+    seq: int,
+    shown: UserStatus,
+    held: HeldTransition | None,
+    emitted: list[Transition],
+    old: SessionState | None,
+    config: PresenceConfig,
+) -> tuple[UserRecord, ApplyResult]:
+    sessions = record.sessions
     # A redelivery can find its session already dropped by S6 and apply again; it must still re-send what it
     # caused the first time.
     reemits = _recall(record.userid, record.memory, event.trigger) if old is None and record.memory else []
@@ -402,7 +502,9 @@ def apply(
         last_end_time = event.time
         last_end_logout = event.status == "logout"
 
-    if online or _has_online(new_sessions):
+    last_seen = record.last_seen if record.last_seen >= event.time else event.time
+    observed = record.observed_online_at
+    if online or _has_online(new_sessions) or (observed is not None and observed >= last_seen):
         target: UserStatus = "online"
     else:
         target = _down_status(last_end_logout)
@@ -435,12 +537,10 @@ def apply(
     memory = record.memory
     if emitted:
         memory = _remember(memory, event.trigger, emitted, config.transition_memory)
-    new_record = UserRecord(
-        userid=record.userid,
+    new_record = record._replace(
         sessions=new_sessions,
-        epoch=record.epoch,
         seq=seq,
-        last_seen=record.last_seen if record.last_seen >= event.time else event.time,
+        last_seen=last_seen,
         last_end_time=last_end_time,
         last_end_logout=last_end_logout,
         status=shown,
@@ -450,26 +550,149 @@ def apply(
     return new_record, ApplyResult("applied", tuple(reemits + emitted), True, True, bool(reemits))
 
 
-def redelivered(record: UserRecord, event: Event) -> ApplyResult:
+def observation_trigger(observation: Observation) -> Trigger:
+    """An observation's trigger (S10): its time and RAW position, so only a redelivery of it re-sends."""
+    return (None, RECONCILE, observation.at, observation.delivery_id)
+
+
+def apply_observation(
+    record: UserRecord | None, observation: Observation, stream_time: int, config: PresenceConfig
+) -> tuple[UserRecord | None, ApplyResult]:
+    """Apply an observation of RongCloud's answer (R2-R4) to a user's record.
+
+    Offline at T (R2) ends every online session whose newest event is older than T - margin, and ends a synthetic
+    online older than T; sessions with newer events stay. Online at T (R3) with no session online makes the user
+    online by a synthetic session, unless an event or an offline observation is newer than T. One that agrees
+    changes ``verified_at`` only (R4). Returns ``None`` for a user the table does not know and who is offline: no
+    record is created. Transitions name the cause ``reconcile`` (session ``-``) at T.
+    """
+    at = observation.at
+    if record is None:
+        if not observation.online:
+            return None, ApplyResult("applied", _NO_TRANSITIONS, False, False, False, "verified")
+        record = _new_record(observation.userid, at)
+    trigger = observation_trigger(observation)
+    emitted: list[Transition] = []
+    seq, shown, held = _release_expired(record, stream_time, emitted)
+
+    sessions = record.sessions
+    last_end_time = record.last_end_time
+    last_end_logout = record.last_end_logout
+    horizon = record.offline_horizon
+    observed = record.observed_online_at
+    verified = record.verified_at
+    correction: Correction | None = None
+    if observation.online:
+        if _has_online(sessions) or _synthetic(record):
+            correction = "verified"
+            if _synthetic(record) and observed is not None and at > observed:
+                observed = at
+        elif at >= record.last_seen and (horizon is None or at > horizon + config.reconcile_margin_ms):
+            correction = "synthetic_opened"
+            observed = at
+    else:
+        cutoff = at - config.reconcile_margin_ms
+        if horizon is None or cutoff > horizon:
+            horizon = cutoff
+        ended = [sid for sid, s in sessions.items() if s.status == "online" and s.time < cutoff]
+        synthetic_ended = observed is not None and observed >= record.last_seen and observed < at
+        if synthetic_ended:
+            observed = None
+        if ended:
+            new_sessions = dict(sessions)
+            for sid in ended:
+                s = sessions[sid]
+                # The session ends at the horizon: an online of it older than that is stale from now on (S1).
+                new_sessions[sid] = SessionState("offline", cutoff, s.os, s.client_ip, cutoff)
+            sessions = new_sessions
+            if last_end_time is None or cutoff > last_end_time:
+                last_end_time = cutoff
+                last_end_logout = False
+        if ended or synthetic_ended:
+            correction = "session_ended"
+        elif not _has_online(sessions):
+            correction = "verified"
+    new_record = record._replace(
+        sessions=sessions,
+        last_end_time=last_end_time,
+        last_end_logout=last_end_logout,
+        offline_horizon=horizon,
+        observed_online_at=observed,
+    )
+    if correction is not None and (verified is None or at > verified):
+        verified = at
+    new_record = new_record._replace(verified_at=verified)
+    target = computed_status(new_record)
+    if held is not None and target == "online":
+        held = None  # S8: back online within the grace window; nothing was shown, nothing is emitted.
+    elif held is None and target != shown:
+        # A correction is not a flap: it is emitted at once, never held (S8).
+        seq += 1
+        cause = Cause(DELETION_SESSION, RECONCILE, None, None)
+        if target == "online":
+            plats = platforms_of(sessions)
+            count = _online_count(sessions)
+        else:
+            plats, count = (), 0
+        emitted.append(Transition(record.userid, shown, target, at, cause, plats, count, record.epoch, seq))
+        shown = target
+    reemits = _recall(record.userid, record.memory, trigger) if record.memory else []
+    memory = record.memory
+    if emitted:
+        memory = _remember(memory, trigger, emitted, config.transition_memory)
+    new_record = new_record._replace(seq=seq, status=shown, held=held, memory=memory)
+    changed = new_record != record
+    return new_record, ApplyResult(
+        "applied", tuple(reemits + emitted), changed, changed or bool(reemits), bool(reemits), correction
+    )
+
+
+def remembered(record: UserRecord) -> tuple[Transition, ...]:
+    """Every transition the record remembers, oldest first (``seq`` order), for re-sending after a restart (S10)."""
+    userid = record.userid
+    return tuple(m.transition(userid) for m in record.memory)
+
+
+def reborn(final: UserRecord, record: UserRecord, config: PresenceConfig) -> UserRecord:
+    """``record``, the new record of a user deleted before (``final``: its final record), also remembering the
+    final record's transitions: a crash may yet require re-sending the deletion (S10). Newer transitions evict
+    them as usual."""
+    if not final.memory:
+        return record
+    memory = final.memory + record.memory
+    size = config.transition_memory
+    return record._replace(memory=memory[-size:] if len(memory) > size else memory)
+
+
+def redelivered(record: UserRecord, event: Event | Observation) -> ApplyResult:
     """An event the glue knows ``record`` already reflects (S10): change nothing, re-send what it caused.
 
     The glue recognises a redelivery by the source position it stored with the record, so this also holds when
     the event's session has since been dropped (S6) and applying it again would re-create the session.
     """
-    reemits = _recall(record.userid, record.memory, event.trigger) if record.memory else []
+    trigger = observation_trigger(event) if isinstance(event, Observation) else event.trigger
+    reemits = _recall(record.userid, record.memory, trigger) if record.memory else []
     return ApplyResult("duplicate", tuple(reemits), False, True, bool(reemits))
 
 
 def sweep(
-    record: UserRecord | None, stream_time: int, config: PresenceConfig, tick_id: str = ""
+    record: UserRecord | None,
+    stream_time: int,
+    config: PresenceConfig,
+    tick_id: str = "",
+    releases_only: bool = False,
 ) -> tuple[UserRecord | None, SweepResult]:
     """Advance a record to ``stream_time`` without an event (S6 retention, S8 release).
 
     Releases a held transition whose window stream time has passed; drops ended sessions older than
     ``ended_session_retention_ms`` (status unchanged, nothing emitted, STATE unchanged since STATE lists online
     sessions only); deletes a user with no session online, nothing held and nothing seen for
-    ``user_retention_ms`` (``record`` becomes ``None``: delete the key and publish a tombstone). Returns the same
-    record object when nothing changed.
+    ``user_retention_ms``: emits the deletion transition and returns the final record with ``deleted`` set (the
+    glue publishes a tombstone and no longer treats the user as known). Returns the same record object when
+    nothing changed.
+
+    ``releases_only``: only release a hold; for the idle-partition tick, whose ``stream_time`` is made up of wall
+    time (S8) and must decide nothing else (sessions and users are dropped in stream time only).
 
     ``tick_id`` names the tick message driving the sweep (e.g. its partition and offset): a redelivered tick
     with the same id and stream time re-emits the release it caused (S10). Left empty, every sweep at the same
@@ -493,34 +716,37 @@ def sweep(
 
     sessions = record.sessions
     cutoff = stream_time - config.ended_session_retention_ms
-    if any(s.status != "online" and s.time < cutoff for s in sessions.values()):
+    if not releases_only and any(s.status != "online" and s.time < cutoff for s in sessions.values()):
         sessions = {k: s for k, s in sessions.items() if s.status == "online" or s.time >= cutoff}
 
-    # Never delete in the sweep that sends something: the record's memory must outlive the send (S10).
+    # Stream time can pass a hold's window and the user retention at once: release, then delete. A sweep that
+    # re-sends (a redelivered tick) decides nothing more.
     if (
-        record.held is None
+        held is None
+        and not releases_only
         and not reemits
         and stream_time - record.last_seen > config.user_retention_ms
         and not _has_online(sessions)
+        and not _synthetic(record)
     ):
-        return None, SweepResult(_NO_TRANSITIONS, True, False, True, False)
+        seq += 1
+        cause = Cause(DELETION_SESSION, "deleted", None, None)
+        at = record.last_seen + config.user_retention_ms
+        emitted.append(Transition(record.userid, shown, "offline", at, cause, (), 0, record.epoch, seq))
+        final = record._replace(
+            sessions={},
+            seq=seq,
+            status="offline",
+            held=None,
+            memory=_remember(memory, trigger, emitted, config.transition_memory),
+        )
+        return final, SweepResult(tuple(emitted), True, False, True, False)
 
     if sessions is record.sessions and not emitted:
         if reemits:
             return record, SweepResult(tuple(reemits), False, True, False, True)
         return record, _SWEEP_NOTHING
-    new_record = UserRecord(
-        userid=record.userid,
-        sessions=sessions,
-        epoch=record.epoch,
-        seq=seq,
-        last_seen=record.last_seen,
-        last_end_time=record.last_end_time,
-        last_end_logout=record.last_end_logout,
-        status=shown,
-        held=held,
-        memory=memory,
-    )
+    new_record = record._replace(sessions=sessions, seq=seq, status=shown, held=held, memory=memory)
     return new_record, SweepResult(
         tuple(reemits + emitted), True, bool(emitted) or bool(reemits), False, bool(reemits)
     )
@@ -542,7 +768,7 @@ def next_sweep_at(record: UserRecord, config: PresenceConfig) -> int | None:
             at = s.time + config.ended_session_retention_ms + 1
             if due is None or at < due:
                 due = at
-    if not online and record.held is None:
+    if not online and record.held is None and not _synthetic(record):
         at = record.last_seen + config.user_retention_ms + 1
         if due is None or at < due:
             due = at
@@ -555,7 +781,7 @@ def state_payload(record: UserRecord, include_client_ip: bool = True) -> dict[st
         ((sid, s) for sid, s in record.sessions.items() if s.status == "online"),
         key=lambda item: (item[1].since, item[0]),
     )
-    return {
+    payload: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "userid": record.userid,
         "status": record.status,
@@ -573,6 +799,9 @@ def state_payload(record: UserRecord, include_client_ip: bool = True) -> dict[st
         "epoch": record.epoch,
         "seq": record.seq,
     }
+    if record.verified_at is not None:
+        payload["verified_at"] = record.verified_at  # R4; absent until an observation agreed
+    return payload
 
 
 # Table value layout. Lists instead of dicts for the repeated parts keep the changelog small and the
@@ -591,7 +820,7 @@ def _cause_from_list(v: list[Any]) -> Cause:
 def record_to_dict(record: UserRecord) -> dict[str, Any]:
     """JSON-able form of a record for the table (round-trips through :func:`record_from_dict`)."""
     held = record.held
-    return {
+    data: dict[str, Any] = {
         "v": _RECORD_VERSION,
         "userid": record.userid,
         "sessions": {
@@ -608,6 +837,15 @@ def record_to_dict(record: UserRecord) -> dict[str, Any]:
         else [held.to_status, held.at, _cause_to_list(held.cause), held.release_after],
         "memory": [list(m) for m in record.memory],
     }
+    # Reconciliation's fields are optional keys, written only when set: a record without them reads as before,
+    # and a worker of the previous release still reads the version (rolling upgrades).
+    if record.verified_at is not None:
+        data["verified_at"] = record.verified_at
+    if record.offline_horizon is not None:
+        data["offline_horizon"] = record.offline_horizon
+    if record.observed_online_at is not None:
+        data["observed_online_at"] = record.observed_online_at
+    return data
 
 
 def record_from_dict(data: Mapping[str, Any]) -> UserRecord:
@@ -658,4 +896,7 @@ def record_from_dict(data: Mapping[str, Any]) -> UserRecord:
         status=data["status"],
         held=held,
         memory=memory,
+        verified_at=data.get("verified_at"),
+        offline_horizon=data.get("offline_horizon"),
+        observed_online_at=data.get("observed_online_at"),
     )

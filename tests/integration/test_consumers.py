@@ -358,11 +358,6 @@ def test_reference_consumers_match_the_query_api_with_no_gap(
     assert run.dumps["java"]["users"] == run.dumps["go"]["users"], "the Java and Go consumers disagree"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="S6/S7: a deletion emits a final transition with cause `deleted` before the STATE tombstone "
-    "(stream rule pending in streams/); until then a deleted user's last status stays on TRANSITIONS",
-)
 def test_deletions_are_visible_on_transitions(conformance: Run) -> None:
     for name, dump in conformance.dumps.items():
         _, by_deletion = compare(dump, conformance.api)

@@ -21,7 +21,7 @@ from jsonschema import Draft202012Validator
 
 from presence.children import wait_until
 from presence.localkafka import free_port
-from streams.processor import Processor
+from streams.processor import Outgoing, Processor
 from streams.rules import PresenceConfig
 from tests.schemas import writer_validator
 
@@ -222,14 +222,18 @@ def model_run(
     processor = Processor(table, config or PresenceConfig(), records_of_partition)
     transitions: dict[str, list[dict[str, Any]]] = defaultdict(list)
     state: dict[str, dict[str, Any] | None] = {}
-    for partition, offset, key, value in raw:
-        for out in processor.on_raw(partition, offset, key, value, now_ms=0):
+
+    def collect(outgoing: list[Outgoing]) -> None:
+        for out in outgoing:
             if out.topic == "transitions":
                 assert out.value is not None
                 payload = orjson.loads(out.value)
                 transitions[payload["userid"]].append(payload)
             elif out.topic == "state":
                 state[out.key.decode() if out.key else ""] = orjson.loads(out.value) if out.value else None
+
+    for partition, offset, key, value in raw:
+        collect(processor.on_raw(partition, offset, key, value, now_ms=0))
         if key is not None:
             by_partition[partition].add(key.decode())
     return {"transitions": transitions, "state": state}

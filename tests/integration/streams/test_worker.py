@@ -317,7 +317,8 @@ def test_s6_s8_retention_and_damping_run_from_the_stream_and_ticks(
         lambda: ("clock", "online", "offline") in summary(), 60, "a tick to release an idle partition's hold"
     )
 
-    # S6: ten minutes of stream time later the ended users are deleted, each with a STATE tombstone.
+    # S6: ten minutes of stream time later the ended users are deleted, each with a last transition (S7) and a
+    # STATE tombstone.
     asyncio.run(produce_raw(kafka_bootstrap, settings.topic_raw, [raw_event("late", "l1", 0, t + 700_000)]))
 
     def tombstones() -> set[str]:
@@ -327,3 +328,11 @@ def test_s6_s8_retention_and_damping_run_from_the_stream_and_ticks(
     wait_until(lambda: {"gone", "clock"} <= tombstones(), 60, "tombstones for the idle users")
     assert "flappy" not in tombstones(), "a user with a session online is never deleted"
     assert httpx.get(f"{worker.url}/presence/gone", timeout=5).status_code == 404
+
+    def deletions() -> list[tuple[str, str, str, int]]:
+        return sorted((p["userid"], p["from"], p["to"], p["seq"]) for p in map(orjson.loads, _transitions_of(
+            kafka_bootstrap, settings.topic_transitions)) if p["cause"]["event"] == "deleted")  # fmt: skip
+
+    # Sent before the tombstone, but the two topics promise no order between them: wait for it too.
+    wait_until(lambda: len(deletions()) == 2, 60, "the deletion transitions")
+    assert deletions() == [("clock", "offline", "offline", 3), ("gone", "offline", "offline", 3)]

@@ -8,13 +8,19 @@ import pytest
 
 from core.contract import Event
 from streams.rules import (
+    DELETION_SESSION,
+    Cause,
     PresenceConfig,
+    Transition,
     UserRecord,
     apply,
     computed_status,
     next_sweep_at,
+    reborn,
     record_from_dict,
     record_to_dict,
+    redelivered,
+    remembered,
     state_payload,
     sweep,
 )
@@ -192,22 +198,96 @@ def test_s6_online_sessions_are_never_dropped() -> None:
     assert kept is record and not result.deleted
 
 
-def test_s6_idle_user_is_deleted_after_user_retention() -> None:
-    record, _ = run([ev("a", "online", T0), ev("a", "offline", T0 + 1)])
-    assert record is not None
+def test_s6_s7_idle_user_is_deleted_after_user_retention_with_a_final_transition() -> None:
+    record, out = run([ev("a", "online", T0), ev("a", "logout", T0 + 1)])
+    assert record is not None and [t.to_status for t in out] == ["online", "logged_out"]
     horizon = T0 + 1 + DEFAULT.user_retention_ms
-    assert sweep(record, horizon, DEFAULT)[0] is not None
-    gone, result = sweep(record, horizon + 1, DEFAULT)
-    assert gone is None and result.deleted and not result.transitions
+    assert not sweep(record, horizon, DEFAULT)[1].deleted
+    final, result = sweep(record, horizon + 1, DEFAULT, "0@99")
+    assert result.deleted and result.record_changed and not result.publish_state
+    # The query API now answers 404, which consumers read as offline: TRANSITIONS says so, with its cause.
+    assert result.transitions == (
+        Transition(USER, "logged_out", "offline", horizon, Cause(DELETION_SESSION, "deleted", None, None),
+                   (), 0, T0, 3),
+    )  # fmt: skip
+    assert result.transitions[0].to_payload()["cause"] == {
+        "sessionId": "-", "event": "deleted", "os": None, "clientIp": None
+    }  # fmt: skip
+    # The final record is what the glue keeps to re-send the deletion (S10); it ends where TRANSITIONS ends.
+    assert final is not None and final.seq == 3 and final.status == "offline"
+    assert remembered(final)[-1] == result.transitions[0]
+
+
+def test_s6_s7_an_offline_user_is_deleted_with_an_offline_to_offline_transition() -> None:
+    record, _ = run([ev("a", "offline", T0)])
+    final, result = sweep(record, T0 + 1 + DEFAULT.user_retention_ms, DEFAULT)
+    assert result.deleted and final is not None
+    ((from_status, to_status, seq, event),) = [(t.from_status, t.to_status, t.seq, t.cause.event)
+                                               for t in result.transitions]  # fmt: skip
+    assert (from_status, to_status, seq, event) == ("offline", "offline", 1, "deleted")
+
+
+def test_s6_s8_stream_time_past_a_hold_and_the_retention_at_once_releases_then_deletes() -> None:
+    record, _ = run([ev("a", "online", T0), ev("a", "offline", T0 + 1000)], DAMPED)
+    assert record is not None and record.held is not None
+    final, result = sweep(record, T0 + 1001 + DAMPED.user_retention_ms, DAMPED, "0@9")
+    assert result.deleted and final is not None
+    assert [(t.from_status, t.to_status, t.seq, t.cause.event) for t in result.transitions] == [
+        ("online", "offline", 2, "offline"),
+        ("offline", "offline", 3, "deleted"),
+    ]
+
+
+def test_s6_a_deletion_is_a_function_of_the_record_alone() -> None:
+    # Recomputed later in stream time (a sweep redone after a crash), the deletion is the same transition.
+    record, _ = run([ev("a", "online", T0), ev("a", "offline", T0 + 1)])
+    first = sweep(record, T0 + 2 + DEFAULT.user_retention_ms, DEFAULT, "0@5")[1].transitions
+    later = sweep(record, T0 + 9 * MIN + DEFAULT.user_retention_ms, DEFAULT, "0@8")[1].transitions
+    assert first == later
 
 
 def test_s6_recreated_user_starts_a_new_epoch() -> None:
     record, out1 = run([ev("a", "online", T0), ev("a", "offline", T0 + 1)])
-    gone, _ = sweep(record, T0 + 2 + DEFAULT.user_retention_ms, DEFAULT)
+    final, result = sweep(record, T0 + 2 + DEFAULT.user_retention_ms, DEFAULT)
+    assert result.deleted
     later = T0 + 3 + DEFAULT.user_retention_ms
-    _, out2 = run([ev("b", "online", later)], record=gone)
-    assert {t.epoch for t in out1} == {T0}
+    # The glue hands a deleted user's next event no record: the user is unknown again.
+    _, out2 = run([ev("b", "online", later)])
+    assert {t.epoch for t in [*out1, *result.transitions]} == {T0}
     assert [(t.epoch, t.seq, t.from_status) for t in out2] == [(later, 1, "offline")]
+
+
+def test_s6_s7_after_a_deletion_a_record_created_by_an_end_agrees_with_what_a_follower_infers() -> None:
+    # A follower of TRANSITIONS alone: online -> logged_out, then the deletion (-> offline, forget the user).
+    record, out = run([ev("a", "online", T0), ev("a", "logout", T0 + 1)])
+    _, deletion = sweep(record, T0 + 2 + DEFAULT.user_retention_ms, DEFAULT)
+    assert [t.to_status for t in [*out, *deletion.transitions]] == ["online", "logged_out", "offline"]
+    later = T0 + 3 + DEFAULT.user_retention_ms
+    # Back with an offline: the query API answers offline, as the follower infers; nothing to say.
+    created, silent = run([ev("b", "offline", later)])
+    assert created is not None and created.status == "offline" and silent == []
+    # Back with a logout: the follower must learn it.
+    _, told = run([ev("b", "logout", later)])
+    assert [(t.from_status, t.to_status, t.seq) for t in told] == [("offline", "logged_out", 1)]
+
+
+def test_s10_a_reborn_record_remembers_the_deletion_until_newer_transitions_evict_it() -> None:
+    cfg = PresenceConfig(transition_memory=3)
+    record, out = run([ev("a", "online", T0), ev("a", "offline", T0 + 1)], cfg)
+    final, result = sweep(record, T0 + 2 + cfg.user_retention_ms, cfg, "0@7")
+    assert final is not None
+    later = T0 + 3 + cfg.user_retention_ms
+    new, out2 = run([ev("b", "online", later)], cfg)
+    assert new is not None
+    new = reborn(final, new, cfg)
+    assert remembered(new) == (out[1], result.transitions[0], out2[0])
+    # Redelivered, the user's last event before the deletion still re-sends what it caused, from the new record,
+    # and everything since: a consumer that saw the deletion and the new epoch ends where it was.
+    assert redelivered(new, ev("a", "offline", T0 + 1)).transitions == (
+        out[1],
+        result.transitions[0],
+        out2[0],
+    )
 
 
 def test_s6_retention_is_in_stream_time_and_a_late_end_is_still_stale() -> None:
@@ -397,9 +477,10 @@ def test_s10_redelivered_event_reemits_identical_transition() -> None:
     assert again is record
     assert result.outcome == "duplicate" and result.reemitted
     assert result.transitions == (out[1],)
-    # The older event is now stale but still re-sends what it caused.
+    # The older event is now stale but still re-sends what it caused, and what followed: a re-send always ends on
+    # the user's latest transition.
     _, result = apply(record, ev("a", "online", T0), T0 + 10, DEFAULT)
-    assert result.outcome == "stale" and result.transitions == (out[0],)
+    assert result.outcome == "stale" and result.transitions == (out[0], out[1])
 
 
 def test_s10_redelivered_event_reemits_release_it_triggered() -> None:

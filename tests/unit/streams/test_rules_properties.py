@@ -23,6 +23,7 @@ from streams.rules import (
     computed_status,
     record_from_dict,
     record_to_dict,
+    remembered,
     sweep,
 )
 from tests.unit.streams.helpers import ev
@@ -299,9 +300,25 @@ def test_sweeps_only_drop_release_or_delete(
         assert record is not None
         before_status, before_held = computed_status(record), record.held
         after, result = sweep(record, now + advance, config, f"tick{i}")
-        if after is None:
-            assert result.deleted and before_held is None and before_status != "online"
-            assert not result.transitions
+        assert after is not None
+        if result.deleted:
+            # S6/S7: the deletion is told on TRANSITIONS: from what was shown, to offline (the query API's 404);
+            # if stream time also passed a hold's window, the release comes first.
+            assert before_status != "online"
+            *released, t = result.transitions
+            if before_held is not None:
+                (r,) = released
+                assert (r.from_status, r.to_status, r.seq) == (
+                    "online",
+                    before_held.to_status,
+                    record.seq + 1,
+                )
+            shown = released[0].to_status if released else record.status
+            assert (t.from_status, t.to_status, t.cause.event) == (shown, "offline", "deleted")
+            assert (t.epoch, t.seq) == (record.epoch, record.seq + len(result.transitions))
+            assert t.at == record.last_seen + user_retention
+            assert remembered(after)[-len(result.transitions) :] == result.transitions
+            assert not result.publish_state
             return
         assert computed_status(after) == before_status
         if before_held is not None and after.held is None:
@@ -328,3 +345,68 @@ def test_records_round_trip_through_json(
     for record in drive(steps, config).records:
         if record is not None:  # a sweep before the user's first event
             assert record_from_dict(json.loads(json.dumps(record_to_dict(record)))) == record
+
+
+# (6) --------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def idle_gaps(draw: st.DrawFn) -> tuple[list[Event], list[Step]]:
+    """Deliveries with long quiet spells: stream time jumps past the user retention between bursts."""
+    _, steps = draw(deliveries())
+    out: list[Step] = []
+    shift = 0
+    for step in steps:
+        if draw(st.integers(0, 5)) == 0:
+            shift += draw(st.integers(1, 4)) * RETENTION
+            out.append(Step(step.stream_time + shift, None, f"tick{len(out)}"))
+        event = step.event
+        moved = None if event is None else event._replace(time=event.time + shift)
+        out.append(Step(step.stream_time + shift, moved, f"tick{len(out)}"))
+    return [], out
+
+
+RETENTION = 2 * MIN
+
+
+@PROPS
+@given(idle_gaps(), configs)
+def test_a_follower_of_transitions_alone_always_agrees_with_the_query_api(
+    delivery: tuple[list[Event], list[Step]], config: PresenceConfig
+) -> None:
+    """S6/S7: every change of the query API's answer reaches TRANSITIONS, deletions and re-creations included.
+
+    The follower applies transitions as docs/consuming.md says (a deletion forgets the user: offline) and
+    checks the chain: within an epoch ``seq`` + 1 and ``from`` = the previous ``to``; a new epoch starts at 1,
+    from offline, only once the previous one was closed by its deletion. The query API answers the record's
+    status, or 404 (offline) for a user without a record.
+    """
+    _, steps = delivery
+    config = PresenceConfig(
+        offline_grace_ms=config.offline_grace_ms,
+        ended_session_retention_ms=config.ended_session_retention_ms,
+        user_retention_ms=RETENTION,
+    )
+    record: UserRecord | None = None
+    follower: tuple[str, int, int] | None = None  # (status, epoch, seq); None: unknown, i.e. offline
+    deletions = 0
+    for step in steps:
+        if step.event is None:
+            final, sres = sweep(record, step.stream_time, config, step.tick)
+            emitted = sres.transitions
+            record = None if sres.deleted else final
+            deletions += sres.deleted
+        else:
+            record, ares = apply(record, step.event, step.stream_time, config)
+            emitted = ares.transitions
+        for t in emitted:
+            if follower is not None and t.epoch == follower[1]:
+                assert (t.seq, t.from_status) == (follower[2] + 1, follower[0])
+            else:
+                assert follower is None, "a new epoch before the old one was closed"
+                assert (t.seq, t.from_status) == (1, "offline")
+            follower = None if t.cause.event == "deleted" else (t.to_status, t.epoch, t.seq)
+        answer = "offline" if record is None else record.status
+        assert (follower[0] if follower else "offline") == answer
+        if record is not None and follower is not None:
+            assert (record.epoch, record.seq) == follower[1:]
