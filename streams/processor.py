@@ -340,6 +340,10 @@ class Processor:
         self._first: dict[int, dict[str, int]] = {}
         self._resent: dict[int, set[str]] = {}
         self._markers: dict[int, deque[tuple[str, str]]] = {}
+        # What S10 knew of each partition's first offsets before its current batch (checkpoint(), rebuild()).
+        self._checkpoints: dict[int, tuple[set[str], dict[str, int], set[str]] | None] = {}
+        # First offsets decided within a discarded batch: still the first after the commit (rebuild()).
+        self._carried_first: dict[int, dict[str, int]] = {}
         # Reconciliation (off until enable_reconciliation): where checks go, and the age index per partition.
         self._checks: CheckSink | None = None
         self._age: AgePolicy | None = None
@@ -359,6 +363,9 @@ class Processor:
     ) -> list[Outgoing]:
         """Process the RAW message at ``offset`` of ``partition``."""
         source = raw_position(partition, offset)
+        out: list[Outgoing] = []
+        # Any record, valid or not, may be the first after a (re)assignment: its offset is the committed one.
+        self._start(partition, RAW, offset, out, now_ms)
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
@@ -367,9 +374,8 @@ class Processor:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
                 self._metrics.dead_letters.labels(exc.reason).inc()
-            return [dead_letter(exc.reason, str(exc), key, value, now_ms)]
-        out: list[Outgoing] = []
-        self._start(partition, RAW, offset, out, now_ms)
+            out.append(dead_letter(exc.reason, str(exc), key, value, now_ms))
+            return out
         if isinstance(event, contract.GapMarker):
             self._on_gap(partition, event)
             return out
@@ -425,8 +431,9 @@ class Processor:
 
         With a ``tally`` (transitions sent per user since every output was last acknowledged) it stops before a
         record that could take one user past ``transition_memory`` (S10): the caller sends what it has, waits
-        for the acknowledgements, clears the tally and calls again with the rest. At least one record is
-        processed whenever the tally is empty.
+        for the acknowledgements, clears the tally and calls again with the rest. The re-sends of the first
+        record after a (re)assignment count first, and may stop the batch before the record itself (processed
+        count 0, output not empty). With an empty tally each call makes progress.
         """
         out: list[Outgoing] = []
         limit = self._config.transition_memory - MAX_TRANSITIONS_PER_RECORD
@@ -440,6 +447,15 @@ class Processor:
             for offset, key, value in records:
                 if tally is not None and limit >= 0 and tally.top > limit:
                     break
+                if tally is not None and self.starting(partition, RAW):
+                    # The first record after a (re)assignment re-sends whole memories (S10): those count
+                    # before the record's own transitions, so that the cut can come between them.
+                    resent: list[Outgoing] = []
+                    self._start(partition, RAW, offset, resent, now_ms)
+                    tally.count(resent)
+                    out.extend(resent)
+                    if limit >= 0 and tally.top > limit:
+                        break
                 produced = self.on_raw(partition, offset, key, value, now_ms)
                 if tally is not None:
                     tally.count(produced)
@@ -525,10 +541,42 @@ class Processor:
             self._first.pop(partition, None)
             self._resent.pop(partition, None)
             self._markers.pop(partition, None)
+            self._carried_first.pop(partition, None)
         self._publish_gauges()
 
     def forget_all(self) -> None:
         self.forget(list(self._due))
+
+    def checkpoint(self, partition: int) -> None:
+        """Before a batch of ``partition`` whose table writes may be discarded: remember what S10 knows of the
+        partition's first offsets, for :meth:`rebuild` to return to (cheap: nothing is copied once every topic's
+        first offset is known)."""
+        undecided = self._undecided.get(partition)
+        self._checkpoints[partition] = (
+            None
+            if undecided is None
+            else (set(undecided), dict(self._first[partition]), set(self._resent[partition]))
+        )
+
+    def rebuild(self, partition: int) -> None:
+        """After a batch of ``partition`` whose table writes were discarded: drop the in-memory indexes (rebuilt
+        from the table by the next message) and return S10's knowledge of first offsets to the last
+        :meth:`checkpoint`. The next message is not the first after a commit and must not be taken for one: a
+        first offset decided within the discarded batch is decided again, at the same offset, by the next
+        message of its topic, since its re-sends were discarded with the batch (see module doc)."""
+        checkpoint = self._checkpoints.pop(partition, None)
+        carried = {**self._carried_first.get(partition, {}), **self._first.get(partition, {})}
+        self.forget([partition])
+        if checkpoint is not None:
+            undecided, first, resent = checkpoint
+            self._undecided[partition], self._first[partition], self._resent[partition] = (
+                undecided,
+                first,
+                resent,
+            )
+            carried = {kind: offset for kind, offset in carried.items() if kind not in first}
+        if carried:
+            self._carried_first[partition] = carried
 
     def ensure_indexed(self, partitions: Iterable[int]) -> None:
         """Build the in-memory indexes of owned ``partitions`` not built yet (one pass over each one's records;
@@ -536,9 +584,25 @@ class Processor:
         for partition in partitions:
             self._ensure_index(partition)
 
+    def starting(self, partition: int, kind: str) -> bool:
+        """Whether the next message of ``kind`` on ``partition`` is the first since a (re)assignment or a rebuild,
+        so :meth:`start` would re-send what may have been lost."""
+        undecided = self._undecided.get(partition)
+        return partition not in self._due or undecided is None or kind in undecided
+
+    def start(self, partition: int, kind: str, offset: int, now_ms: int) -> list[Outgoing]:
+        """What the message of ``kind`` at ``offset`` re-sends first if it is :meth:`starting`; processing it
+        afterwards re-sends nothing more on that account."""
+        out: list[Outgoing] = []
+        self._start(partition, kind, offset, out, now_ms)
+        return out
+
     def _start(self, partition: int, kind: str, offset: int, out: list[Outgoing], now_ms: int) -> None:
         """Before a message of ``kind`` at ``offset``: rebuild the partition's state, and if this is the first
         message of its topic since, re-send what may have been lost (see module doc)."""
+        carried = self._carried_first.get(partition)
+        if carried and kind in carried:
+            offset = carried.pop(kind)
         if partition not in self._due:
             self._ensure_index(partition, (kind, offset), out, now_ms)
         elif kind in self._undecided[partition]:
@@ -589,11 +653,13 @@ class Processor:
         self._scheduled[partition] = scheduled
         self._counts[partition] = counts
         self._markers[partition] = deque((userid, by) for _, userid, by in sorted(markers))
-        self._resent[partition] = set()
-        self._first[partition] = {}
-        # Without damping no tick is ever processed (nor sent): nothing to wait for on the tick topic.
-        self._undecided[partition] = set(_KINDS) if self._config.offline_grace_ms > 0 else {RAW}
-        if first is not None:
+        if partition not in self._undecided:
+            self._resent[partition] = set()
+            self._first[partition] = {}
+            # Without damping no tick is ever processed (nor sent): nothing to wait for on the tick topic.
+            self._undecided[partition] = set(_KINDS) if self._config.offline_grace_ms > 0 else {RAW}
+        # else rebuilt after a discarded batch (see rebuild()): the first offsets already decided stand.
+        if first is not None and first[0] in self._undecided[partition]:
             self._decide(partition, first[0], first[1], out if out is not None else [], now_ms, resend)
         self._publish_gauges()
 

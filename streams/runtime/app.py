@@ -42,7 +42,7 @@ from streams.checkonline import (
 )
 from streams.config import WorkerSettings
 from streams.metrics import WorkerMetrics
-from streams.processor import Outgoing, Processor, TransitionTally
+from streams.processor import MAX_TRANSITIONS_PER_RECORD, TICK, Outgoing, Processor, TransitionTally
 from streams.reconcile import AgePolicy, offer_gap_checks
 from streams.runtime import delivery, fixes, internals, versions
 from streams.runtime.delivery import BatchMessage
@@ -197,12 +197,13 @@ def _add_agent(worker: Worker) -> None:
         while start < len(pending):
             tally.retire()  # what is acknowledged by now no longer counts
             table.begin_batch(partition)
+            processor.checkpoint(partition)
             try:
                 outgoing, done = processor.on_batch(partition, pending[start:], now, tally)
             except Exception:
                 table.abort_batch()
                 # The in-memory stream time and sweep index may be ahead of the table now: rebuild them from it.
-                processor.forget([partition])
+                processor.rebuild(partition)
                 raise
             table.end_batch()
             sent = await send_all(outgoing)
@@ -215,17 +216,46 @@ def _add_agent(worker: Worker) -> None:
                 worker.metrics.batch_cuts.inc()
 
     async def process_ticks(partition: int, records: list[Any], now: int) -> None:
+        # Ticks count in the tally too (S10): a release is a transition like any other. A tick sends at most one
+        # per user, after its re-sends if it is the first tick since a (re)assignment; both wait for the
+        # acknowledgements the memory needs, as a RAW batch's cut does.
+        limit = settings.worker_transition_memory - MAX_TRANSITIONS_PER_RECORD
+        if records and processor.starting(partition, TICK):
+            await _acknowledged_below(limit)
+            table.begin_batch(partition)
+            processor.checkpoint(partition)
+            try:
+                resent = processor.start(partition, TICK, records[0].offset, now)
+            except Exception:
+                table.abort_batch()
+                processor.rebuild(partition)
+                raise
+            table.end_batch()
+            await _send_counted(resent)
+        await _acknowledged_below(limit)
         table.begin_batch(partition)
+        processor.checkpoint(partition)
         outgoing: list[Outgoing] = []
         try:
             for record in records:
                 outgoing.extend(processor.on_tick(partition, record.offset, now))
         except Exception:
             table.abort_batch()
-            processor.forget([partition])
+            processor.rebuild(partition)
             raise
         table.end_batch()
-        await send_all(outgoing)
+        await _send_counted(outgoing)
+
+    async def _acknowledged_below(limit: int) -> None:
+        tally.retire()
+        if limit >= 0 and tally.top > limit:
+            await gate.wait()
+            tally.clear()
+
+    async def _send_counted(outgoing: list[Outgoing]) -> None:
+        tally.count(outgoing)
+        sent = await send_all(outgoing)
+        tally.seal(lambda sent=sent: all(future.done() for future in sent))  # type: ignore[misc]
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:
