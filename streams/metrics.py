@@ -90,6 +90,12 @@ class WorkerMetrics:
             "Unexpected errors while processing a message (the agent restarts and the message is retried).",
             registry=r,
         )
+        self.batch_cuts = Counter(
+            "presence_worker_batch_cuts_total",
+            "Batches cut short so that no user is sent more transitions than its record remembers before they "
+            "are acknowledged (S10); the rest of the batch follows once they are.",
+            registry=r,
+        )
         self.rebalances = Counter(
             "presence_worker_rebalances_total",
             "Consumer group rebalances this worker took part in.",

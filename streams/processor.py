@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
@@ -191,6 +191,125 @@ def dead_letter(reason: str, detail: str, key: bytes | None, value: bytes | None
     return Outgoing("dlq", key, orjson.dumps(letter))
 
 
+#: (offset, key, value) of one RAW record.
+RawRecord = tuple[int, bytes | None, bytes | None]
+
+#: The most transitions one RAW record can send for one user: its event's own (a release of a held transition
+#: and a status change), the user's sweep in the same step (a release) and one more for rules yet to come. The
+#: property tests check that no record sends more.
+MAX_TRANSITIONS_PER_RECORD = 4
+
+
+class TransitionTally:
+    """Transitions sent per user and not yet acknowledged (S10 with batches).
+
+    A redelivered record re-sends its transitions from the record's memory, which holds the last
+    ``transition_memory`` of them; a transition not yet acknowledged must still be there. So no user may have more
+    transitions in flight than the memory holds. The caller seals what it sent as a segment (:meth:`seal`), with a way
+    to tell that all of it is acknowledged, and retires acknowledged segments (:meth:`retire`) before going on.
+    """
+
+    __slots__ = ("counts", "top", "_segment", "_sealed")
+
+    def __init__(self) -> None:
+        self.counts: dict[bytes | None, int] = {}
+        self.top = 0
+        self._segment: dict[bytes | None, int] = {}
+        self._sealed: deque[tuple[dict[bytes | None, int], Callable[[], bool]]] = deque()
+
+    def count(self, outgoing: Iterable[Outgoing]) -> None:
+        counts, segment = self.counts, self._segment
+        for message in outgoing:
+            if message.topic == "transitions":
+                key = message.key
+                segment[key] = segment.get(key, 0) + 1
+                n = counts[key] = counts.get(key, 0) + 1
+                if n > self.top:
+                    self.top = n
+
+    def seal(self, acknowledged: Callable[[], bool]) -> None:
+        """What was counted since the last seal was sent; ``acknowledged()`` tells when all of it is."""
+        if self._segment:
+            self._sealed.append((self._segment, acknowledged))
+            self._segment = {}
+
+    def retire(self) -> None:
+        """Forget the sealed segments that are acknowledged (oldest first, as sent)."""
+        sealed, counts = self._sealed, self.counts
+        changed = False
+        while sealed and sealed[0][1]():
+            segment, _ = sealed.popleft()
+            changed = True
+            for key, n in segment.items():
+                left = counts[key] - n
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+        if changed:
+            self.top = max(counts.values(), default=0)
+
+    def clear(self) -> None:
+        """Everything sent is acknowledged."""
+        self.counts.clear()
+        self._segment.clear()
+        self._sealed.clear()
+        self.top = 0
+
+
+class _Collected:
+    """What a batch did to one metric: increments and last values per label set, histogram observations."""
+
+    __slots__ = ("counts", "last", "observed", "_labels")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], float] = {}
+        self.last: dict[tuple[str, ...], float] = {}
+        self.observed: list[float] = []
+        self._labels: tuple[str, ...] = ()
+
+    def labels(self, *labels: str) -> _Collected:
+        # Always chained at once (``labels(...).inc()``), in synchronous code: remembering them is enough.
+        self._labels = labels
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        labels, self._labels = self._labels, ()
+        self.counts[labels] = self.counts.get(labels, 0) + amount
+
+    def set(self, value: float) -> None:
+        labels, self._labels = self._labels, ()
+        self.last[labels] = value
+
+    def observe(self, value: float) -> None:
+        self.observed.append(value)
+
+
+class _BatchMetrics:
+    """Stands in for :class:`WorkerMetrics` while a batch is processed; :meth:`apply_to` hands the totals over."""
+
+    def __init__(self) -> None:
+        self._collected: dict[str, _Collected] = {}
+
+    def __getattr__(self, name: str) -> _Collected:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        # Only the first access of a name comes here: the attribute is then set, and found directly.
+        collected = self._collected[name] = _Collected()
+        setattr(self, name, collected)
+        return collected
+
+    def apply_to(self, metrics: WorkerMetrics) -> None:
+        for name, collected in self._collected.items():
+            metric = getattr(metrics, name)
+            for labels, amount in collected.counts.items():
+                (metric.labels(*labels) if labels else metric).inc(amount)
+            for labels, value in collected.last.items():
+                (metric.labels(*labels) if labels else metric).set(value)
+            for value in collected.observed:
+                metric.observe(value)
+
+
 class Processor:
     """Applies RAW events and sweeps to a table; one instance per worker, all partitions."""
 
@@ -226,6 +345,10 @@ class Processor:
         self._first: dict[int, dict[str, int]] = {}
         self._resent: dict[int, set[str]] = {}
         self._markers: dict[int, deque[tuple[str, str]]] = {}
+        # What S10 knew of each partition's first offsets before its current batch (checkpoint(), rebuild()).
+        self._checkpoints: dict[int, tuple[set[str], dict[str, int], set[str]] | None] = {}
+        # First offsets decided within a discarded batch: still the first after the commit (rebuild()).
+        self._carried_first: dict[int, dict[str, int]] = {}
         # Reconciliation (off until enable_reconciliation): where checks go, and the age index per partition.
         self._checks: CheckSink | None = None
         self._age: AgePolicy | None = None
@@ -245,6 +368,9 @@ class Processor:
     ) -> list[Outgoing]:
         """Process the RAW message at ``offset`` of ``partition``."""
         source = raw_position(partition, offset)
+        out: list[Outgoing] = []
+        # Any record, valid or not, may be the first after a (re)assignment: its offset is the committed one.
+        self._start(partition, RAW, offset, out, now_ms)
         try:
             # The Kafka position names the delivery: only a redelivery of this very record (after a crash or
             # a rebalance) re-sends what it caused; an upstream retry is a new record and a plain duplicate.
@@ -253,9 +379,8 @@ class Processor:
             if self._metrics:
                 self._metrics.events.labels("invalid").inc()
                 self._metrics.dead_letters.labels(exc.reason).inc()
-            return [dead_letter(exc.reason, str(exc), key, value, now_ms)]
-        out: list[Outgoing] = []
-        self._start(partition, RAW, offset, out, now_ms)
+            out.append(dead_letter(exc.reason, str(exc), key, value, now_ms))
+            return out
         if isinstance(event, contract.GapMarker):
             self._on_gap(partition, event)
             return out
@@ -298,6 +423,54 @@ class Processor:
                    result.publish_state, now_ms, event.received_at, tombstone=deleted)  # fmt: skip
         out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
         return out
+
+    def on_batch(
+        self,
+        partition: int,
+        records: Sequence[RawRecord],
+        now_ms: int,
+        tally: TransitionTally | None = None,
+    ) -> tuple[list[Outgoing], int]:
+        """Process RAW ``records`` of ``partition`` in order, as :meth:`on_raw` one by one would; return what to
+        send, in order, and how many records were processed.
+
+        With a ``tally`` (transitions sent per user since every output was last acknowledged) it stops before a
+        record that could take one user past ``transition_memory`` (S10): the caller sends what it has, waits
+        for the acknowledgements, clears the tally and calls again with the rest. The re-sends of the first
+        record after a (re)assignment count first, and may stop the batch before the record itself (processed
+        count 0, output not empty). With an empty tally each call makes progress.
+        """
+        out: list[Outgoing] = []
+        limit = self._config.transition_memory - MAX_TRANSITIONS_PER_RECORD
+        done = 0
+        metrics = self._metrics
+        if metrics is not None:
+            # Metrics are collected per batch and applied once: Prometheus' labels() and inc() per event cost
+            # about a fifth of the processing.
+            self._metrics = _BatchMetrics()  # type: ignore[assignment]
+        try:
+            for offset, key, value in records:
+                if tally is not None and limit >= 0 and tally.top > limit:
+                    break
+                if tally is not None and self.starting(partition, RAW):
+                    # The first record after a (re)assignment re-sends whole memories (S10): those count
+                    # before the record's own transitions, so that the cut can come between them.
+                    resent: list[Outgoing] = []
+                    self._start(partition, RAW, offset, resent, now_ms)
+                    tally.count(resent)
+                    out.extend(resent)
+                    if limit >= 0 and tally.top > limit:
+                        break
+                produced = self.on_raw(partition, offset, key, value, now_ms)
+                if tally is not None:
+                    tally.count(produced)
+                out.extend(produced)
+                done += 1
+        finally:
+            if metrics is not None:
+                collected, self._metrics = self._metrics, metrics
+                collected.apply_to(metrics)  # type: ignore[union-attr]
+        return out, done
 
     def _on_observation(
         self, partition: int, offset: int, observation: contract.Observation, out: list[Outgoing], now_ms: int
@@ -373,10 +546,42 @@ class Processor:
             self._first.pop(partition, None)
             self._resent.pop(partition, None)
             self._markers.pop(partition, None)
+            self._carried_first.pop(partition, None)
         self._publish_gauges()
 
     def forget_all(self) -> None:
         self.forget(list(self._due))
+
+    def checkpoint(self, partition: int) -> None:
+        """Before a batch of ``partition`` whose table writes may be discarded: remember what S10 knows of the
+        partition's first offsets, for :meth:`rebuild` to return to (cheap: nothing is copied once every topic's
+        first offset is known)."""
+        undecided = self._undecided.get(partition)
+        self._checkpoints[partition] = (
+            None
+            if undecided is None
+            else (set(undecided), dict(self._first[partition]), set(self._resent[partition]))
+        )
+
+    def rebuild(self, partition: int) -> None:
+        """After a batch of ``partition`` whose table writes were discarded: drop the in-memory indexes (rebuilt
+        from the table by the next message) and return S10's knowledge of first offsets to the last
+        :meth:`checkpoint`. The next message is not the first after a commit and must not be taken for one: a
+        first offset decided within the discarded batch is decided again, at the same offset, by the next
+        message of its topic, since its re-sends were discarded with the batch (see module doc)."""
+        checkpoint = self._checkpoints.pop(partition, None)
+        carried = {**self._carried_first.get(partition, {}), **self._first.get(partition, {})}
+        self.forget([partition])
+        if checkpoint is not None:
+            undecided, first, resent = checkpoint
+            self._undecided[partition], self._first[partition], self._resent[partition] = (
+                undecided,
+                first,
+                resent,
+            )
+            carried = {kind: offset for kind, offset in carried.items() if kind not in first}
+        if carried:
+            self._carried_first[partition] = carried
 
     def ensure_indexed(self, partitions: Iterable[int]) -> None:
         """Build the in-memory indexes of owned ``partitions`` not built yet (one pass over each one's records;
@@ -384,9 +589,25 @@ class Processor:
         for partition in partitions:
             self._ensure_index(partition)
 
+    def starting(self, partition: int, kind: str) -> bool:
+        """Whether the next message of ``kind`` on ``partition`` is the first since a (re)assignment or a rebuild,
+        so :meth:`start` would re-send what may have been lost."""
+        undecided = self._undecided.get(partition)
+        return partition not in self._due or undecided is None or kind in undecided
+
+    def start(self, partition: int, kind: str, offset: int, now_ms: int) -> list[Outgoing]:
+        """What the message of ``kind`` at ``offset`` re-sends first if it is :meth:`starting`; processing it
+        afterwards re-sends nothing more on that account."""
+        out: list[Outgoing] = []
+        self._start(partition, kind, offset, out, now_ms)
+        return out
+
     def _start(self, partition: int, kind: str, offset: int, out: list[Outgoing], now_ms: int) -> None:
         """Before a message of ``kind`` at ``offset``: rebuild the partition's state, and if this is the first
         message of its topic since, re-send what may have been lost (see module doc)."""
+        carried = self._carried_first.get(partition)
+        if carried and kind in carried:
+            offset = carried.pop(kind)
         if partition not in self._due:
             self._ensure_index(partition, (kind, offset), out, now_ms)
         elif kind in self._undecided[partition]:
@@ -437,11 +658,13 @@ class Processor:
         self._scheduled[partition] = scheduled
         self._counts[partition] = counts
         self._markers[partition] = deque((userid, by) for _, userid, by in sorted(markers))
-        self._resent[partition] = set()
-        self._first[partition] = {}
-        # Without damping no tick is ever processed (nor sent): nothing to wait for on the tick topic.
-        self._undecided[partition] = set(_KINDS) if self._config.offline_grace_ms > 0 else {RAW}
-        if first is not None:
+        if partition not in self._undecided:
+            self._resent[partition] = set()
+            self._first[partition] = {}
+            # Without damping no tick is ever processed (nor sent): nothing to wait for on the tick topic.
+            self._undecided[partition] = set(_KINDS) if self._config.offline_grace_ms > 0 else {RAW}
+        # else rebuilt after a discarded batch (see rebuild()): the first offsets already decided stand.
+        if first is not None and first[0] in self._undecided[partition]:
             self._decide(partition, first[0], first[1], out if out is not None else [], now_ms, resend)
         self._publish_gauges()
 

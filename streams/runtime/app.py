@@ -1,14 +1,17 @@
 """The Faust app: topics, the users table, the agent, the query API and the lag monitor, wired together.
 
 ``create_app(settings)`` builds everything on a fresh ``faust.App``; nothing happens at import time and nothing
-connects until the app runs. The agent only decodes, calls :class:`streams.processor.Processor` and sends what
-it returns. The pieces live beside this module: the table (:mod:`.table`), the commit fix (:mod:`.fixes`), the
-query views (:mod:`.views`), readiness and lag (:mod:`.progress`); every private Faust or aiokafka name used is
-in :mod:`.internals`.
+connects until the app runs. The agent takes RAW and ticks one fetched partition batch at a time
+(:mod:`.delivery`), has :class:`streams.processor.Processor` process the batch over the table's overlay, writes
+the table once, sends what it returned in produce batches and acknowledges the batch's offsets. The pieces live
+beside this module: the batch delivery (:mod:`.delivery`), the table (:mod:`.table`), the commit fix
+(:mod:`.fixes`), the query views (:mod:`.views`), readiness and lag (:mod:`.progress`); every private Faust or
+aiokafka name used is in :mod:`.internals`.
 
 Processing guarantee (S10): at-least-once with identical repeats. Faust flushes the producer (table changelog,
 TRANSITIONS, STATE) before it commits an offset, and the flush waits for Kafka's acknowledgement of every
-message sent so far (:mod:`.fixes`), so a crash re-delivers every message whose outputs may be missing.
+message sent so far (:mod:`.fixes`), and a batch's offsets are acknowledged only once all it caused is handed
+to the client, so a crash re-delivers every record whose outputs may be missing.
 Re-applying such a message either recomputes the same transitions from the same record (same epoch, seq and
 content), or finds the event already applied and re-sends the transitions it caused from the record's memory.
 ``emitted_at`` is the only field that may differ in a repeat.
@@ -23,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 
-from core.contract import GapMarker, Observation
+from core.contract import GapMarker, Observation, partition_of
 from streams.checkonline import (
     ReconcileMetrics,
     Reconciler,
@@ -38,13 +41,15 @@ from streams.checkonline import (
     queue_from_settings,
 )
 from streams.config import WorkerSettings
+from streams.envelope import Headers
 from streams.metrics import WorkerMetrics
-from streams.processor import Outgoing, Processor
+from streams.processor import MAX_TRANSITIONS_PER_RECORD, TICK, Outgoing, Processor, TransitionTally
 from streams.reconcile import AgePolicy, offer_gap_checks
-from streams.runtime import fixes, internals, versions
+from streams.runtime import delivery, fixes, internals, versions
+from streams.runtime.delivery import BatchMessage
 from streams.runtime.fixes import CommitGate
 from streams.runtime.progress import Progress
-from streams.runtime.table import UsersTable, create_users_table
+from streams.runtime.table import UsersTable, create_users_table, send_batches
 from streams.runtime.views import register_views
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,10 @@ log = logging.getLogger(__name__)
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+#: Batches queued for the agent (and changelog batches for the table's recovery) before fetching pauses.
+STREAM_BUFFER_BATCHES = 64
 
 
 def faust_broker_options(settings: WorkerSettings) -> dict[str, Any]:
@@ -104,6 +113,9 @@ def new_faust_app(settings: WorkerSettings) -> faust.App:
         table_standby_replicas=1,
         # Recovery waits on the changelog; a worker must not flip to processing with a half-restored table.
         stream_wait_empty=True,
+        # The agent's queue counts messages, and a message is a whole fetched batch (streams.runtime.delivery):
+        # Faust's default of 4096 would let a backlog park millions of records in memory ahead of the agent.
+        stream_buffer_maxsize=STREAM_BUFFER_BATCHES,
         autodiscover=False,
         logging_config=None,
     )
@@ -130,6 +142,9 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     app = new_faust_app(settings)
     gate = fixes.install(app.producer)
     table = UsersTable(create_users_table(app, settings), gate)
+    # RAW and ticks reach the agent, and the table's changelog reaches Faust's recovery (restore and standbys),
+    # as one message per fetched topic-partition batch.
+    delivery.install(app.consumer, (settings.topic_raw, settings.ticks_topic, table.changelog))
     processor = Processor(
         table, settings.presence_config(), table.records, metrics, settings.worker_sweep_batch,
         source=settings.worker_app_id,
@@ -147,52 +162,185 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
 
 
 def _add_agent(worker: Worker) -> None:
-    app, settings, processor, table = worker.app, worker.settings, worker.processor, worker.table
+    app, settings, processor, table, gate = (
+        worker.app,
+        worker.settings,
+        worker.processor,
+        worker.table,
+        worker.gate,
+    )
     source = app.topic(
         settings.topic_raw, settings.ticks_topic, key_serializer="raw", value_serializer="raw", internal=False
     )
-    out_topics = {
-        "transitions": settings.topic_replay_transitions or settings.topic_transitions,
-        "state": settings.topic_state,
-        "dlq": settings.topic_dlq,
-    }
+    outputs = Outputs(
+        lambda: internals.kafka_client(app.producer),
+        gate,
+        {
+            "transitions": settings.topic_replay_transitions or settings.topic_transitions,
+            "state": settings.topic_state,
+            "dlq": settings.topic_dlq,
+        },
+    )
+    # Transitions sent per user since every output was last acknowledged (S10, see Processor.on_batch).
+    tally = TransitionTally()
 
-    async def send_all(outgoing: list[Outgoing]) -> None:
-        # Straight to the Kafka client: Faust's Topic.send costs several times the client's own send per
-        # message. Each send is held against the next offset commit like the table's changelog writes.
+    async def send_all(outgoing: list[Outgoing]) -> list[asyncio.Future[Any]]:
+        # Straight to the Kafka client, in produce batches per (topic, partition): Faust's Topic.send, and even
+        # the client's send(), cost several times an append to a batch. Every batch is held against the next
+        # offset commit (the changelog's too), so a commit never covers an output Kafka has not acknowledged.
         client = internals.kafka_client(app.producer)
-        await table.flush_changelog(client)
-        for message in outgoing:
-            sent = await client.send(
-                out_topics[message.topic], message.value, key=message.key, headers=message.headers
-            )
-            worker.gate.hold(sent)
+        sent = await table.flush_changelog(client)
+        sent.extend(await outputs.send(outgoing))
+        return sent
+
+    async def process_raw(partition: int, records: list[Any], now: int) -> None:
+        pending = [(record.offset, record.key, record.value) for record in records]
+        start = 0
+        while start < len(pending):
+            tally.retire()  # what is acknowledged by now no longer counts
+            table.begin_batch(partition)
+            processor.checkpoint(partition)
+            try:
+                outgoing, done = processor.on_batch(partition, pending[start:], now, tally)
+            except Exception:
+                table.abort_batch()
+                # The in-memory stream time and sweep index may be ahead of the table now: rebuild them from it.
+                processor.rebuild(partition)
+                raise
+            table.end_batch()
+            sent = await send_all(outgoing)
+            tally.seal(lambda sent=sent: all(future.done() for future in sent))  # type: ignore[misc]
+            start += done
+            if start < len(pending):
+                # Cut (S10): one user would exceed the transition memory before these are acknowledged.
+                await gate.wait()
+                tally.clear()
+                worker.metrics.batch_cuts.inc()
+
+    async def process_ticks(partition: int, records: list[Any], now: int) -> None:
+        # Ticks count in the tally too (S10): a release is a transition like any other. A tick sends at most one
+        # per user, after its re-sends if it is the first tick since a (re)assignment; both wait for the
+        # acknowledgements the memory needs, as a RAW batch's cut does.
+        limit = settings.worker_transition_memory - MAX_TRANSITIONS_PER_RECORD
+        if records and processor.starting(partition, TICK):
+            await _acknowledged_below(limit)
+            table.begin_batch(partition)
+            processor.checkpoint(partition)
+            try:
+                resent = processor.start(partition, TICK, records[0].offset, now)
+            except Exception:
+                table.abort_batch()
+                processor.rebuild(partition)
+                raise
+            table.end_batch()
+            await _send_counted(resent)
+        await _acknowledged_below(limit)
+        table.begin_batch(partition)
+        processor.checkpoint(partition)
+        outgoing: list[Outgoing] = []
+        try:
+            for record in records:
+                outgoing.extend(processor.on_tick(partition, record.offset, now))
+        except Exception:
+            table.abort_batch()
+            processor.rebuild(partition)
+            raise
+        table.end_batch()
+        await _send_counted(outgoing)
+
+    async def _acknowledged_below(limit: int) -> None:
+        tally.retire()
+        if limit >= 0 and tally.top > limit:
+            await gate.wait()
+            tally.clear()
+
+    async def _send_counted(outgoing: list[Outgoing]) -> None:
+        tally.count(outgoing)
+        sent = await send_all(outgoing)
+        tally.seal(lambda sent=sent: all(future.done() for future in sent))  # type: ignore[misc]
 
     @app.agent(source, concurrency=1, name="presence")
     async def process(stream: Any) -> None:
-        async for event in stream.events():
+        consumer = app.consumer
+        # No acks from the stream: a batch is acknowledged here, all its offsets at once (see delivery).
+        async for event in stream.noack().events():
             message = event.message
+            # RAW and ticks arrive as one BatchMessage per fetched topic-partition (streams.runtime.delivery).
+            batch = message if isinstance(message, BatchMessage) else None
+            records = batch.records if batch is not None else [message]
             now = _now_ms()
-            table.partition = message.partition
+            completed = False
             try:
                 if message.topic == settings.ticks_topic:
-                    outgoing = processor.on_tick(message.partition, message.offset, now)
+                    await process_ticks(message.partition, records, now)
                 else:
-                    outgoing = processor.on_raw(
-                        message.partition, message.offset, message.key, message.value, now
-                    )
+                    await process_raw(message.partition, records, now)
+                completed = True
             except Exception:
-                # A bug, not bad input (bad input goes to the DLQ): count it; Faust restarts the agent and the
-                # uncommitted message is processed again.
+                # A bug, not bad input (bad input goes to the DLQ): count it. Faust restarts the agent; the batch
+                # stays unacknowledged, so commits of its partition stop there until it is delivered again (after
+                # a restart or a rebalance).
                 worker.metrics.processing_errors.inc()
                 log.exception(
                     "processing failed",
                     extra={"topic": message.topic, "partition": message.partition, "offset": message.offset},
                 )
                 raise
-            await send_all(outgoing)
+            finally:
+                if batch is None:
+                    await stream.ack(event)
+                elif completed:
+                    batch.acknowledge(consumer)
+                else:
+                    # Cancelled (shutdown) or failed part-way: released, none of its offsets acknowledged.
+                    batch.release(consumer)
             if message.topic != settings.ticks_topic:
-                worker.progress.processed(message.partition, message.offset, message.timestamp / 1000)
+                last = records[-1]
+                worker.progress.processed(message.partition, last.offset, last.timestamp / 1000)
+
+
+class Outputs:
+    """TRANSITIONS, STATE and DLQ messages handed to the Kafka client in batches per (topic, partition)."""
+
+    def __init__(self, client: Callable[[], Any], gate: CommitGate, topics: dict[str, str]) -> None:
+        self._client = client
+        self._gate = gate
+        self._topics = topics
+        self._partitions: dict[str, int] = {}
+
+    async def _partition_count(self, client: Any, topic: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            count = self._partitions[topic] = len(await client.partitions_for(topic))
+        return count
+
+    async def send(self, outgoing: list[Outgoing]) -> list[asyncio.Future[Any]]:
+        """Hand ``outgoing`` to the client; return the futures held against the next commit."""
+        held: list[asyncio.Future[Any]] = []
+        if not outgoing:
+            return held
+        client = self._client()
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, Headers | None]]] = {}
+        where: dict[tuple[str, bytes], int] = {}
+        for message in outgoing:
+            topic = self._topics[message.topic]
+            if message.key is None:
+                # Unkeyed (a dead letter of a keyless record): the client picks the partition.
+                sent = await client.send(topic, message.value, headers=message.headers)
+                self._gate.hold(sent)
+                held.append(sent)
+                continue
+            partition = where.get((topic, message.key))
+            if partition is None:
+                count = await self._partition_count(client, topic)
+                # The partition Kafka's default partitioner gives the key, as the client's send() would.
+                partition = where[(topic, message.key)] = partition_of(message.key, count)
+            groups.setdefault((topic, partition), []).append((message.key, message.value, message.headers))
+        for (topic, partition), messages in groups.items():
+            for sent, _count in await send_batches(client, topic, partition, messages):
+                self._gate.hold(sent)
+                held.append(sent)
+        return held
 
 
 def _add_rebalance_handlers(worker: Worker) -> None:

@@ -9,8 +9,11 @@ where it is needed and is not listed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
+
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 
 #: What each function below relies on, for the version guard's message and for whoever upgrades.
 TOUCHED = (
@@ -23,6 +26,12 @@ TOUCHED = (
     "faust.transport.producer.ProducerBuffer.pending / _send_pending / message_sent / put / flush "
     "(the buffer the commit path flushes; patched per app by streams.runtime.fixes)",
     "aiokafka.AIOKafkaProducer.send (returns a future resolved with RecordMetadata on acknowledgement)",
+    "faust.transport.consumer.Consumer._drain_messages (replaced per consumer by streams.runtime.delivery; "
+    "called by the Fetcher service as consumer._drain_messages(fetcher))",
+    "faust.transport.consumer.Consumer._wait_next_records / _read_offset / _buffered_partitions / _commit_every "
+    "/ _n_acked / _add_gap / _to_message (what _drain_messages and getmany use per record)",
+    "faust.transport.consumer.Consumer.ack's bookkeeping: _committed_offset / _acked_index / _acked / _n_acked "
+    "/ _unacked_messages / _waiting_for_ack under faust.types.tuples.ack_lock (acking a batch's offsets)",
 )
 
 
@@ -64,3 +73,94 @@ async def drain_producer_buffer(buffer: Any) -> None:
     while not buffer.pending.empty():
         await buffer._send_pending(buffer.pending.get_nowait())
         buffer.message_sent.set()
+
+
+# --- batch delivery (streams.runtime.delivery) -----------------------------------------------------------------
+
+
+def replace_drain_messages(consumer: Any, drain_messages: Callable[[Any], Awaitable[None]]) -> None:
+    """Make ``consumer``'s Fetcher run ``drain_messages(fetcher)`` instead of Faust's ``_drain_messages``.
+
+    An instance attribute shadows the class's method for this consumer only; the Fetcher service calls it
+    through the instance (``consumer._drain_messages(self)``).
+    """
+    consumer._drain_messages = drain_messages
+
+
+async def next_records(consumer: Any, timeout: float) -> tuple[Any, Any]:
+    """One fetch: ``(records by TP or None, active partitions or None)``, as ``Consumer.getmany`` gets them."""
+    return await consumer._wait_next_records(timeout)  # type: ignore[no-any-return]
+
+
+def read_offsets(consumer: Any) -> MutableMapping[Any, int | None]:
+    """The consumer's last delivered offset per TP (a defaultdict of None); Faust's seek resets it."""
+    offsets: MutableMapping[Any, int | None] = consumer._read_offset
+    return offsets
+
+
+def buffered_partitions(consumer: Any) -> Any:
+    """TPs whose stream buffer is full: already fetched records of them are still delivered."""
+    return consumer._buffered_partitions
+
+
+def commit_every(consumer: Any) -> int | None:
+    """``broker_commit_every`` as the consumer holds it."""
+    value: int | None = consumer._commit_every
+    return value
+
+
+def take_acked_count(consumer: Any, limit: int) -> bool:
+    """True (and the count reset) once ``limit`` offsets were acked since the last such commit."""
+    if consumer._n_acked >= limit:
+        consumer._n_acked = 0
+        return True
+    return False
+
+
+async def add_gap(consumer: Any, tp: Any, offset_from: int, offset_to: int) -> None:
+    """Record offsets ``offset_from..offset_to`` (inclusive) as never delivered, so commits may pass them."""
+    await consumer._add_gap(tp, offset_from, offset_to)
+
+
+def to_message(consumer: Any, tp: Any, record: Any) -> Any:
+    """The ``ConsumerMessage`` Faust builds from an aiokafka record."""
+    return consumer._to_message(tp, record)
+
+
+def ack_offsets(consumer: Any, message: Any, offsets: Iterable[int]) -> bool:
+    """``Consumer.ack`` for every offset in ``offsets`` of ``message``'s TP, at once; True if any was new.
+
+    The same bookkeeping as ``Consumer.ack`` does for one message (under the same lock): an offset at or above the
+    committed one joins the TP's acked offsets unless it is there already, counts towards ``broker_commit_every``,
+    and ``wait_empty`` is woken.
+    """
+    with ack_lock:
+        message.acked = True
+        consumer._unacked_messages.discard(message)
+        tp = message.tp
+        added = 0
+        try:
+            if consumer.app.topics.acks_enabled_for(message.topic):
+                committed = consumer._committed_offset[tp]
+                acked_index = consumer._acked_index[tp]
+                acked = consumer._acked[tp]
+                for offset in offsets:
+                    if (committed is None or offset >= committed) and offset not in acked_index:
+                        acked_index.add(offset)
+                        acked.append(offset)
+                        added += 1
+                consumer._n_acked += added
+        finally:
+            notify(consumer._waiting_for_ack)
+        return added > 0
+
+
+def new_write_batch(store: Any) -> Any:
+    """An empty RocksDB write batch of the binding ``store`` uses (rocksdict in raw mode, or python-rocksdb)."""
+    if store.use_rocksdict:
+        import rocksdict
+
+        return rocksdict.WriteBatch(raw_mode=True)
+    import rocksdb  # type: ignore[import-not-found]
+
+    return rocksdb.WriteBatch()

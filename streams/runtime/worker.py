@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import faust
+import uvloop
 
 from core.logs import configure_logging
 from streams.config import WorkerSettings
+
+
+def use_uvloop() -> None:
+    """Make the event loops created from now on uvloop's (what ``mode.loop.use("uvloop")`` does).
+
+    Called before anything creates a loop: Faust's services take the loop current when they first need one.
+    """
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def run_worker(app: faust.App, settings: WorkerSettings) -> None:

@@ -77,12 +77,10 @@ def test_s10_kill9_at_random_points_loses_nothing_and_repeats_identically(
     # No ticks: a tick releases a hold after wall time (S8), the one decision a re-run after a crash may take
     # otherwise, so the uninterrupted run could not be its reference. Releases here come with stream time; the
     # re-send of tick releases is covered by tests/unit/streams/test_processor_properties.py.
-    # A user's transitions are re-sent from its memory, so the memory must hold what a user can do while sends
-    # wait for their acknowledgement: catching up after a kill with a 1 s linger, that is far more than the 8
-    # remembered by default (with them, users lose the start of an epoch here).
+    # A user's transitions are re-sent from its memory; the worker waits for acknowledgements rather than send a
+    # user more than it remembers (S10), so the product's default memory holds even with a 1 s linger.
     env = worker_env(values, app_id, PRESENCE_WORKER_PRODUCER_LINGER_MS="1000",
-                     PRESENCE_WORKER_TICK_INTERVAL_SECONDS="86400",
-                     PRESENCE_WORKER_TRANSITION_MEMORY="200")  # fmt: skip
+                     PRESENCE_WORKER_TICK_INTERVAL_SECONDS="86400")  # fmt: skip
     worker = WorkerProcess(env=env, data_dir=tmp_path / "w", log_path=tmp_path / "w.log")
     kills: list[str] = []
     try:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from core.settings import CommonSettings
 from core.topics import ensure_topics
@@ -60,6 +61,17 @@ def _start(
     worker.start()
     worker.wait_ready()
     return worker
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    """The sum over ``topic``'s partitions of ``group``'s committed offsets (0 where none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return sum(max(0, tp.offset) for tp in committed)
+    finally:
+        consumer.close()
 
 
 def _transitions_of(bootstrap: str, topic: str) -> list[bytes]:
@@ -144,6 +156,13 @@ def test_s1_s9_noisy_traffic_gives_the_uninterrupted_model_output(
         ),
         30,
         "consumer lag to be reported as 0",
+    )
+    # Offsets are committed up to the end of RAW (batches are acknowledged record by record).
+    wait_until(
+        lambda: _committed(kafka_bootstrap, topics["app_id"], settings.topic_raw) == len(raw),
+        30,
+        "the group's committed offsets to reach the end of RAW",
+        interval=0.5,
     )
 
 

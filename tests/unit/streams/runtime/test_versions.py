@@ -62,7 +62,10 @@ def test_every_private_name_the_glue_uses_is_listed_in_internals() -> None:
     runtime = ROOT / "streams" / "runtime"
     found = {}
     for path in sorted(runtime.glob("*.py")):
-        if path.name == "internals.py":
+        if path.name in (
+            "internals.py",
+            "versions.py",
+        ):  # versions.py names them only to fingerprint their source
             continue
         names = set(private_access.findall(path.read_text()))
         # Attributes of the glue's own objects (self._x) are not Faust's.
@@ -79,3 +82,17 @@ def test_the_worker_refuses_to_build_its_app_on_another_version(
     monkeypatch.setitem(versions.PINNED, "aiokafka", "0.0.1")
     with pytest.raises(versions.VersionMismatch, match=r"aiokafka 0\.14\.0 \(written for 0\.0\.1\)"):
         create_app(settings)
+
+
+def test_the_faust_code_the_batch_delivery_reproduces_is_the_code_it_was_written_against() -> None:
+    """streams.runtime.delivery copies Faust's drain loop and ack bookkeeping; a changed copy upstream (even under
+    the same version number) would silently diverge from it."""
+    assert versions.changed_sources() == []
+
+
+def test_a_build_of_the_pinned_version_with_changed_code_is_refused() -> None:
+    def patched(name: str) -> str:
+        return "0" * 16 if name.endswith("Consumer.ack") else versions.REPRODUCED[name]
+
+    with pytest.raises(versions.VersionMismatch, match=r"Consumer\.ack.*streams/runtime/delivery\.py"):
+        versions.check(fingerprint_of=patched)
