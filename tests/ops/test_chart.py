@@ -741,8 +741,10 @@ def _worker_env(manifests: Manifests) -> dict[str, Any]:
 # --- reconciliation ---------------------------------------------------------------------------------------------------
 
 
-def test_reconciliation_off_keeps_the_app_secret_from_the_workers(helm: Path) -> None:
-    env = _worker_env(render(helm, values=MINIMAL))
+def test_reconciliation_is_on_by_default_and_off_keeps_the_app_secret_from_the_workers(helm: Path) -> None:
+    default = _worker_env(render(helm, values=MINIMAL))
+    assert default["PRESENCE_RECONCILE_ENABLED"] == "true" and "PRESENCE_APP_SECRET" in default
+    env = _worker_env(render(helm, values={**MINIMAL, "reconcile.enabled": "false"}))
     assert env["PRESENCE_RECONCILE_ENABLED"] == "false"
     assert "PRESENCE_APP_SECRET" not in env
     assert not [
@@ -803,7 +805,8 @@ def test_reconciliation_egress_reaches_the_api_only_when_on(helm: Path) -> None:
         rules: list[dict[str, Any]] = policy["spec"]["egress"]
         return rules
 
-    assert not [r for r in worker_egress(egress) if {"port": 443, "protocol": "TCP"} in r.get("ports", [])]
+    off = {**egress, "reconcile.enabled": "false"}
+    assert not [r for r in worker_egress(off) if {"port": 443, "protocol": "TCP"} in r.get("ports", [])]
     (anywhere,) = [
         r for r in worker_egress({**egress, "reconcile.enabled": "true"})
         if {"port": 443, "protocol": "TCP"} in r.get("ports", [])
