@@ -404,17 +404,6 @@ class Processor:
             new, result = old, rules.redelivered(old, event)
             self._write(partition, userid, stored.live, old, stored.applied, stored.deleted_by)
             deleted = stored.deleted_by is not None
-        elif (
-            stored.deleted_by is not None
-            and stored.record is not None
-            and (judged := rules.judge_after_deletion(stored.record, event, stream_time, self._config))
-            is not None
-        ):
-            # An event the deleted record would not have applied (stale, or too late to judge: R5) starts no new
-            # record; the marker stays, with this message as applied (a redelivery of it is then recognised).
-            new, result = stored.record, rules.ApplyResult(judged, (), False, False, False)
-            self._write(partition, userid, None, stored.record, offset, stored.deleted_by)
-            deleted = False
         else:
             # Rules see the stream time from before this event: an event does not make itself late. A deleted
             # user's marker is no record: the event starts a new one.

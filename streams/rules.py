@@ -411,44 +411,26 @@ def apply(
     emitted: list[Transition] = []
     seq, shown, held = _release_expired(record, now, emitted)
 
-    outcome = _judged(record, event, now, config, existed)
-    if outcome is not None:
-        return _unapplied(record, event, seq, shown, held, emitted, config, outcome)
-    return _applied(
-        record, event, now, seq, shown, held, emitted, record.sessions.get(event.session_id), config
-    )
-
-
-def judge_after_deletion(
-    final: UserRecord, event: Event, stream_time: int, config: PresenceConfig
-) -> Outcome | None:
-    """Judge an event of a user deleted by S6 against the deleted record (``final``, kept a while as a marker):
-    what that record would not have applied (S1-S3, R2's horizon, R5) starts no new record, since a record opened
-    by a session the deleted one had ended or forgotten could show the user online for good. ``None``: the event
-    starts a new record (S6, a new epoch)."""
-    now = stream_time if stream_time >= event.time else event.time
-    return _judged(final, event, now, config, True)
-
-
-def _judged(
-    record: UserRecord, event: Event, now: int, config: PresenceConfig, known: bool
-) -> Outcome | None:
-    """Why ``event`` changes no session of ``record`` (``known``: a record the table held), or None if it does."""
-    old = record.sessions.get(event.session_id)
+    sessions = record.sessions
+    old = sessions.get(event.session_id)
+    prio = _PRIORITY[event.status]
     if old is not None and (
-        event.time < old.time or (event.time == old.time and _PRIORITY[event.status] <= _PRIORITY[old.status])
+        event.time < old.time or (event.time == old.time and prio <= _PRIORITY[old.status])
     ):
         # S1 / S2 / S3: the session's newest event wins; this one changes nothing.
-        return "duplicate" if event.time == old.time and event.status == old.status else "stale"
-    if old is None and known:
+        duplicate = event.time == old.time and event.status == old.status
+        return _unapplied(
+            record, event, seq, shown, held, emitted, config, "duplicate" if duplicate else "stale"
+        )
+    if old is None and existed:
         horizon = record.offline_horizon
         if event.status == "online" and horizon is not None and event.time < horizon:
             # R2: an online older than an offline observation's horizon is stale, even for a session never seen.
-            return "stale"
+            return _unapplied(record, event, seq, shown, held, emitted, config, "stale")
         if event.time < now - config.ended_session_retention_ms:
             # R5: the session may have ended and been forgotten (S6); opening it could leave it online for good.
-            return "too_late"
-    return None
+            return _unapplied(record, event, seq, shown, held, emitted, config, "too_late")
+    return _applied(record, event, now, seq, shown, held, emitted, old, config)
 
 
 def _unapplied(

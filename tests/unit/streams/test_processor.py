@@ -222,28 +222,6 @@ def test_s6_back_with_an_offline_after_a_deletion_emits_nothing_but_is_known_aga
     assert state is not None and (state["status"], state["seq"]) == ("offline", 0)
 
 
-def test_r5_s6_an_event_the_deleted_record_would_not_apply_starts_no_new_record() -> None:
-    """A deleted user's marker still judges events (S1-S3, R5): an online older than the ended-session horizon (its
-    session may have ended and been forgotten) would otherwise start a new record showing the user online with no
-    event ever to close it."""
-    config = PresenceConfig(user_retention_ms=10 * MINUTE_MS, ended_session_retention_ms=5 * MINUTE_MS)
-    h = Harness(config)
-    h.send("u", "s1", 0, T, offset=1)
-    h.send("u", "s1", 1, T + 1000, offset=2)
-    h.send("other", "x", 0, T + 11 * MINUTE_MS, offset=3)  # deletes u (10 minutes offline)
-    assert decode_stored(h.table["u"]).deleted_by is not None
-    # The ended session's online again under another delivery (a spool drained late; the session was forgotten
-    # before the deletion), and an online of a session never seen, both older than the horizon: too late (R5).
-    assert transitions(h.send("u", "s1", 0, T + 500, offset=4)) == []
-    assert transitions(h.send("u", "s0", 0, T + 2 * MINUTE_MS, offset=5)) == []
-    assert state_of(h.table, "u", True) is None and decode_stored(h.table["u"]).deleted_by is not None
-    assert h.metrics.events.labels("too_late")._value.get() == 2
-    # A recent event still brings the user back: a new record, a new epoch.
-    later = T + 12 * MINUTE_MS
-    back = transitions(h.send("u", "s2", 0, later, offset=6))
-    assert [(t["epoch"], t["seq"], t["from"], t["to"]) for t in back] == [(later, 1, "offline", "online")]
-
-
 def restart(h: Harness) -> Processor:
     """A new processor on the same table: what a restarted worker (or a reassigned partition) starts with."""
     h.processor = Processor(h.table, h.processor._config, lambda p: list(h.table.items()) if p == 0 else [],

@@ -11,7 +11,6 @@ from streams.rules import (
     apply,
     apply_observation,
     computed_status,
-    judge_after_deletion,
     next_sweep_at,
     record_from_dict,
     record_to_dict,
@@ -264,15 +263,3 @@ def test_s10_a_redelivered_observation_resends_identical_transitions() -> None:
     assert again.reemitted
     # Another observation with the same time but a new position is not a redelivery.
     assert redelivered(new, obs(False, T0 + 10 * MIN, "0@8")).transitions == ()
-
-
-def test_r5_s1_a_deleted_users_final_record_judges_the_events_that_start_no_new_record() -> None:
-    """S6 keeps a deleted user's final record a while: an event it would not have applied starts no new record."""
-    final, _ = run([ev("a", "online", T0), ev("a", "offline", T0 + MIN)])
-    assert final is not None
-    later = T0 + 40 * MIN  # stream time when the events arrive: past the ended-session horizon of T0
-    assert judge_after_deletion(final, ev("a", "online", T0 + MIN // 2), later, DEFAULT) == "stale"  # S1
-    assert judge_after_deletion(final, ev("a", "offline", T0 + MIN), later, DEFAULT) == "duplicate"
-    assert judge_after_deletion(final, ev("b", "online", T0 + 2 * MIN), later, DEFAULT) == "too_late"  # R5
-    # Recent enough to judge: a new record (a new epoch) begins with it.
-    assert judge_after_deletion(final, ev("b", "online", later - MIN), later, DEFAULT) is None
