@@ -426,7 +426,8 @@ Message = tuple[str, bytes | None, envelope.Headers]
 
 def _transition(userid: str, epoch: int, seq: int, to: rules.UserStatus, event: rules.CauseEvent) -> Message:
     """A TRANSITIONS message as the worker sends it: its payload and CloudEvents headers."""
-    from_: rules.UserStatus = "online" if to != "online" else "offline"
+    # A record starts offline (its first transition is from offline); every later one here follows an online.
+    from_: rules.UserStatus = "offline" if seq == 1 or to == "online" else "online"
     online = to == "online"
     cause = rules.Cause("-" if event == "deleted" else "s1", event, "iOS" if online else None, None)
     transition = rules.Transition(
