@@ -79,17 +79,26 @@ type Stats struct {
 	IDMismatches    int `json:"id_mismatches"`
 }
 
-// Presence is the consumer's state: the users' map and the epochs of records it saw deleted.
+// EndedEpochRetention is how long an ended epoch is remembered: TRANSITIONS' retention
+// (PRESENCE_TOPIC_TRANSITIONS_RETENTION_MS, 7 days). No repeat of a transition can arrive later than that after
+// the consumer saw its epoch end, so the entry can then be forgotten (docs/consuming.md, "Epochs").
+const EndedEpochRetention = 7 * 24 * time.Hour
+
+// Presence is the consumer's state: the users' map and the epochs of records it saw end.
 type Presence struct {
-	Users    map[string]Entry
-	closed   map[string]int64 // userid -> epoch of the record a tombstone or a "deleted" transition ended
+	Users map[string]Entry
+	// ended holds, per user, every epoch a tombstone or a "deleted" transition ended, and when the consumer saw it
+	// end. A set, not the last one: an ended record never becomes current again, but the user's next record may
+	// have a larger or a smaller epoch, and after a worker restart the repeats of several ended epochs may arrive
+	// while the user has a newer record. It is kept when the user comes back, for the same reason.
+	ended    map[string]map[int64]time.Time
 	Stats    Stats
 	Gaps     []Gap
 	repairer func(userid string) (*Entry, bool, error)
 }
 
 func NewPresence() *Presence {
-	return &Presence{Users: map[string]Entry{}, closed: map[string]int64{}}
+	return &Presence{Users: map[string]Entry{}, ended: map[string]map[int64]time.Time{}}
 }
 
 // ceID is a message's CloudEvents id header (docs/consuming.md, "Headers"); "" if it has none.
@@ -116,10 +125,7 @@ func (p *Presence) CheckID(id string, ok bool) {
 func (p *Presence) ApplyState(key string, value []byte, id string) error {
 	if value == nil {
 		p.CheckID(id, strings.HasPrefix(id, key+":") && strings.HasSuffix(id, ":deleted"))
-		if cur, ok := p.Users[key]; ok {
-			p.closed[key] = cur.Epoch
-		}
-		delete(p.Users, key)
+		p.forget(key)
 		p.Stats.StateTombstones++
 		return nil
 	}
@@ -129,7 +135,6 @@ func (p *Presence) ApplyState(key string, value []byte, id string) error {
 	}
 	p.CheckID(id, strings.HasPrefix(id, fmt.Sprintf("%s:%d:%d:", key, r.Epoch, r.Seq)))
 	p.Users[key] = Entry{r.Status, r.Epoch, r.Seq}
-	delete(p.closed, key)
 	p.Stats.StateRecords++
 	return nil
 }
@@ -139,11 +144,13 @@ func (p *Presence) ApplyTransition(t Transition) {
 	cur, known := p.Users[t.UserID]
 	deleted := t.Cause.Event == "deleted"
 	switch {
+	case p.isEnded(t.UserID, t.Epoch):
+		// A late transition, or a repeat, of a record already deleted: whether or not the user has a record now,
+		// an ended record never becomes current again.
+		p.Stats.StaleOfDeleted++
+		return
 	case !known && deleted:
 		p.Stats.Repeats++ // the deletion of a user already forgotten
-		return
-	case !known && p.isClosed(t.UserID, t.Epoch):
-		p.Stats.StaleOfDeleted++ // a transition of a record already deleted
 		return
 	case !known && t.Seq == 1:
 		p.Stats.NewEpochs++
@@ -169,9 +176,45 @@ func (p *Presence) ApplyTransition(t Transition) {
 	p.set(t, deleted)
 }
 
-func (p *Presence) isClosed(userid string, epoch int64) bool {
-	closedEpoch, ok := p.closed[userid]
-	return ok && closedEpoch == epoch
+// isEnded says whether epoch is one of the user's ended epochs. Epochs are compared for equality only: a
+// smaller epoch than an ended one may be a new record (docs/consuming.md, "Epochs").
+func (p *Presence) isEnded(userid string, epoch int64) bool {
+	_, ok := p.ended[userid][epoch]
+	return ok
+}
+
+// forget removes the user (a tombstone, a "deleted" transition, or a 404 from the query API) and remembers the
+// epoch of the record that ended.
+func (p *Presence) forget(userid string) {
+	cur, ok := p.Users[userid]
+	if !ok {
+		return
+	}
+	delete(p.Users, userid)
+	p.endEpoch(userid, cur.Epoch)
+}
+
+func (p *Presence) endEpoch(userid string, epoch int64) {
+	if p.ended[userid] == nil {
+		p.ended[userid] = map[int64]time.Time{}
+	}
+	p.ended[userid][epoch] = time.Now()
+}
+
+// ForgetOldEndedEpochs drops the ended epochs seen end more than EndedEpochRetention ago, so the sets stay small
+// for users who never come back.
+func (p *Presence) ForgetOldEndedEpochs() {
+	oldest := time.Now().Add(-EndedEpochRetention)
+	for userid, epochs := range p.ended {
+		for epoch, seen := range epochs {
+			if seen.Before(oldest) {
+				delete(epochs, epoch)
+			}
+		}
+		if len(epochs) == 0 {
+			delete(p.ended, userid)
+		}
+	}
 }
 
 func (p *Presence) set(t Transition, deleted bool) {
@@ -179,11 +222,10 @@ func (p *Presence) set(t Transition, deleted bool) {
 	if deleted {
 		p.Stats.Deletions++
 		delete(p.Users, t.UserID)
-		p.closed[t.UserID] = t.Epoch
+		p.endEpoch(t.UserID, t.Epoch)
 		return
 	}
 	p.Users[t.UserID] = Entry{t.To, t.Epoch, t.Seq}
-	delete(p.closed, t.UserID)
 }
 
 // repair asks the query API for the user's record after a gap (404: the user is unknown, i.e. offline).
@@ -199,10 +241,7 @@ func (p *Presence) repair(userid string) {
 	}
 	p.Stats.Repairs++
 	if !found {
-		if cur, ok := p.Users[userid]; ok {
-			p.closed[userid] = cur.Epoch
-		}
-		delete(p.Users, userid)
+		p.forget(userid)
 		return
 	}
 	p.Users[userid] = *entry
@@ -334,6 +373,7 @@ func run(ctx context.Context, o options) error {
 
 	lastMessage := time.Now()
 	lastWrite := time.Time{}
+	lastForget := time.Now()
 	for {
 		pollCtx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 		fetches := follower.PollFetches(pollCtx)
@@ -358,6 +398,10 @@ func run(ctx context.Context, o options) error {
 			positions[r.Partition] = r.Offset + 1
 			lastMessage = time.Now()
 		})
+		if time.Since(lastForget) >= time.Hour {
+			p.ForgetOldEndedEpochs()
+			lastForget = time.Now()
+		}
 		if o.out != "" && time.Since(lastWrite) >= time.Second {
 			if err := write(o.out, p, positions); err != nil {
 				return err

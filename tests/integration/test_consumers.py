@@ -5,7 +5,12 @@ process with a short user retention (S6 deletions within the run), and `presence
 realistic traffic in two phases. Both consumers start while the first phase is under way (so their bootstrap
 hands over to following with messages in flight), the worker is SIGKILLed and restarted between the phases
 (S10 repeats), and once the pipeline is quiet every user's status in each consumer's map is compared with the
-query API (Q1): no gap, no silent change, and the two consumers agree exactly.
+query API (Q1): no gap, no silent change, and the two consumers agree exactly. A few users are deleted before the
+consumers start, so their bootstrap reads STATE tombstones too.
+
+What the pipeline cannot produce on demand (a late transition of an epoch that ended before the user's current
+record, "Epochs" in docs/consuming.md) is checked by feeding both consumers crafted TRANSITIONS and STATE topics,
+made with the worker's own payloads and headers, on the same broker.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from core.topics import ensure_topics
 from gateway.config import GatewaySettings
 from presence.children import wait_until
+from streams import envelope, rules
 from streams.config import WorkerSettings
 from streams.main import worker_topics
 
@@ -45,8 +51,10 @@ EXAMPLES = ROOT / "examples"
 # below upstream's lateness: late offlines then meet deleted users, which a consumer must also survive.
 USER_RETENTION_SECONDS = "6"
 ENDED_SESSION_RETENTION_SECONDS = "3"
-# Phase B sends traffic for the first 100 users only: the others are deleted during it and stay deleted.
-USERS = {"A": 160, "B": 100}
+# Phase B sends traffic for the first 100 users only: the others are deleted during it and stay deleted. The
+# "early" population is a short burst before phase A: some of its users are deleted (a STATE tombstone) before
+# the consumers bootstrap.
+USERS = {"early": 20, "A": 160, "B": 100}
 PHASE_SECONDS = 10
 RATE = 80
 
@@ -130,11 +138,14 @@ def build_java() -> tuple[list[str], float]:
     return [java, "-Xmx256m", "-cp", classpath, "io.presence.examples.PresenceConsumer"], seconds
 
 
-def simulate(gateway: GatewayServer, phase: str, seed: int, tmp: Path) -> subprocess.Popen[bytes]:
+def simulate(
+    gateway: GatewayServer, phase: str, seed: int, tmp: Path, seconds: float = PHASE_SECONDS
+) -> subprocess.Popen[bytes]:
+    prefix = "conf-early-" if phase == "early" else "conf-"
     args = [
         sys.executable, "-m", "presence.cli", "simulate", "--url", gateway.webhook, "--app-key", APP_KEY,
-        "--secret", SECRET, "--users", str(USERS[phase]), "--user-prefix", "conf-", "--rate", str(RATE),
-        "--duration", str(PHASE_SECONDS), "--seed", str(seed), "--batch-max", "20", "--json", "--no-progress",
+        "--secret", SECRET, "--users", str(USERS[phase]), "--user-prefix", prefix, "--rate", str(RATE),
+        "--duration", str(seconds), "--seed", str(seed), "--batch-max", "20", "--json", "--no-progress",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_")}
     out = (tmp / f"simulate-{seed}.json").open("wb")
@@ -231,8 +242,31 @@ def compare(dump: dict[str, Any], api: dict[str, dict[str, Any] | None]) -> tupl
     return others, by_deletion
 
 
+@dataclass
+class Built:
+    """The consumers' commands (without their options) and how long building them took."""
+
+    commands: dict[str, list[str]]
+    numbers: dict[str, float]
+
+
 @pytest.fixture(scope="module")
-def conformance(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    tmp = tmp_path_factory.mktemp("consumer-builds")
+    numbers: dict[str, float] = {}
+    go_command, numbers["go build s"] = build_go(tmp)
+    java_command, numbers["java build s"] = build_java()
+    return Built({"go": go_command, "java": java_command}, numbers)
+
+
+def _has_tombstone(bootstrap: str, topic: str) -> bool:
+    return any(value is None for _, _, _, value in asyncio.run(read_topic(bootstrap, topic)))
+
+
+@pytest.fixture(scope="module")
+def conformance(
+    built: Built, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("consumers")
     token = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
@@ -248,10 +282,7 @@ def conformance(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) 
     app_id = f"conf-{token}-worker"
     settings = WorkerSettings(**values, worker_app_id=app_id)
     asyncio.run(ensure_topics(settings, extra=worker_topics(settings)))
-    numbers: dict[str, float] = {}
-
-    go_command, numbers["go build s"] = build_go(tmp)
-    java_command, numbers["java build s"] = build_java()
+    numbers = dict(built.numbers)
 
     gateway = GatewayServer(
         GatewaySettings(**values, app_key=APP_KEY, app_secret=SECRET, gateway_spool_dir=tmp / "spool")
@@ -266,6 +297,10 @@ def conformance(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) 
     )  # fmt: skip
     consumers: list[Consumer] = []
     try:
+        # A burst whose users go idle at once: those left offline are deleted (S6) one user retention later, early
+        # in phase A, and the consumers wait for one of their tombstones before they bootstrap. Sent while the
+        # worker starts (RAW keeps it), so the retention runs out sooner after phase A begins.
+        finished(simulate(gateway, "early", seed=10, tmp=tmp, seconds=0.5), 60, "simulated traffic (early)")
         worker.start()
         worker.wait_ready()
         started = time.monotonic()
@@ -275,9 +310,14 @@ def conformance(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) 
             lambda: sum(asyncio.run(_end_offsets(kafka_bootstrap, settings.topic_state, 4)).values()) > 50,
             60, "STATE to hold some records before the consumers start",
         )  # fmt: skip
+        wait_until(
+            lambda: _has_tombstone(kafka_bootstrap, settings.topic_state), 60,
+            "a STATE tombstone (an early user deleted) before the consumers start", interval=0.5,
+        )  # fmt: skip
+        numbers["bootstrap at s"] = time.monotonic() - started
         common = ["-bootstrap", kafka_bootstrap, "-transitions", settings.topic_transitions,
                   "-state", settings.topic_state, "-query-url", worker.url]  # fmt: skip
-        for name, command in (("go", go_command), ("java", java_command)):
+        for name, command in built.commands.items():
             out = tmp / f"{name}.json"
             consumer = Consumer(name, [*command, *common, "-out", str(out)], out, tmp / f"{name}.log")
             consumer.start()
@@ -348,6 +388,8 @@ def test_reference_consumers_match_the_query_api_with_no_gap(
         stats = dump["stats"]
         assert stats["applied"] >= 30, f"{name}: too few transitions applied to mean anything: {stats}"
         assert stats["state_records"] > 0, f"{name}: the bootstrap read nothing: {stats}"
+        # An early user was deleted before the bootstrap: its tombstone was read and its ce_id checked below.
+        assert stats["state_tombstones"] > 0, f"{name}: the bootstrap read no tombstone: {stats}"
         # No gap: every transition followed the one before it (dedupe by (epoch, seq), docs/consuming.md).
         assert stats["gaps"] == 0, f"{name}: gaps {dump['gaps'][:10]}"
         # Every STATE record, tombstone and transition read from the broker carries a ce_id header naming what its
@@ -370,6 +412,142 @@ def test_deletions_are_visible_on_transitions(conformance: Run) -> None:
         assert not by_deletion, f"{name}: {len(by_deletion)} deletions went unseen, e.g.\n" + "\n".join(
             by_deletion[:10]
         )
+
+
+# A crafted history (docs/consuming.md, "Epochs"). Epochs are the times of the events that created the records;
+# the ones of a user are deliberately not in creation order, as after a late event or a replay: a new record may
+# have a smaller epoch than an ended one, so the consumers compare epochs for equality only.
+# "again": created, deleted, three times. "back": deleted before the bootstrap, re-created by a late offline.
+E1, E2, E3 = 1_700_000_010_000, 1_700_000_030_000, 1_700_000_020_000
+OLD, NEW = 1_700_000_200_000, 1_700_000_100_000
+SOURCE = "crafted-worker"
+Message = tuple[str, bytes | None, envelope.Headers]
+
+
+def _transition(userid: str, epoch: int, seq: int, to: rules.UserStatus, event: rules.CauseEvent) -> Message:
+    """A TRANSITIONS message as the worker sends it: its payload and CloudEvents headers."""
+    # A record starts offline (its first transition is from offline); every later one here follows an online.
+    from_: rules.UserStatus = "offline" if seq == 1 or to == "online" else "online"
+    online = to == "online"
+    cause = rules.Cause("-" if event == "deleted" else "s1", event, "iOS" if online else None, None)
+    transition = rules.Transition(
+        userid, from_, to, epoch + seq * 1000, cause, ("iOS",) if online else (), int(online), epoch, seq
+    )
+    value = transition.to_payload() | {"emitted_at": transition.at}
+    return userid, json.dumps(value).encode(), envelope.transition_headers(SOURCE, transition)
+
+
+def _record(userid: str, epoch: int, seq: int, status: rules.UserStatus) -> rules.UserRecord:
+    return rules.UserRecord(userid, {}, epoch, seq, epoch + seq * 1000, None, False, status, None, ())
+
+
+def _state(record: rules.UserRecord) -> Message:
+    value = json.dumps(rules.state_payload(record)).encode()
+    return record.userid, value, envelope.state_headers(SOURCE, record, value)
+
+
+def _tombstone(record: rules.UserRecord) -> Message:
+    return record.userid, None, envelope.tombstone_headers(SOURCE, record, record.last_seen)
+
+
+async def _create(bootstrap: str, *topics: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=1, replication_factor=1) for topic in topics]
+        )
+    finally:
+        await admin.close()
+
+
+async def _produce(bootstrap: str, topic: str, messages: list[Message]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for key, value, headers in messages:  # one by one: their order in the partition is the point
+            await producer.send_and_wait(topic, value, key=key.encode(), headers=headers)
+    finally:
+        await producer.stop()
+
+
+def test_consumers_drop_every_ended_epoch(
+    built: Built, kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ended epochs are a set per user, kept when the user comes back (docs/consuming.md, step 4 and "Epochs").
+
+    "again" is deleted twice and back each time; then a repeat of its current record's transition, a repeat of
+    its second deletion and a late transition of its first record arrive, as a worker restart (S10) or a late
+    delivery would send them. "back" was deleted before the bootstrap (a tombstone) and re-created with a smaller
+    epoch; a repeat of its deletion arrives after it. A consumer that remembers only the last ended epoch, or
+    forgets it when the user comes back, takes the repeats for gaps and ends with "again" online in its first
+    epoch. The pipeline cannot be made to send this on demand, so the messages are made here with the worker's
+    own payloads and headers (streams/envelope.py) and put on a real broker.
+    """
+    token = uuid.uuid4().hex[:10]
+    transitions_topic, state_topic = f"epochs-{token}.transitions", f"epochs-{token}.state"
+    asyncio.run(_create(kafka_bootstrap, transitions_topic, state_topic))
+    asyncio.run(
+        _produce(
+            kafka_bootstrap, state_topic,
+            [_state(_record("back", OLD, 2, "online")), _tombstone(_record("back", OLD, 3, "offline")),
+             _state(_record("back", NEW, 0, "offline"))],
+        )
+    )  # fmt: skip
+    # Nothing is in flight between the topics here, so no settle time is needed.
+    options = ["-bootstrap", kafka_bootstrap, "-transitions", transitions_topic, "-state", state_topic,
+               "-settle", "0"]  # fmt: skip
+    consumers = []
+    for name, command in built.commands.items():
+        out = tmp_path / f"{name}.json"
+        consumers.append(
+            Consumer(name, [*command, *options, "-out", str(out)], out, tmp_path / f"{name}.log")
+        )
+    try:
+        for consumer in consumers:
+            consumer.start()
+        # A consumer writes its map once it has bootstrapped and follows TRANSITIONS from the (empty) topic's end.
+        for consumer in consumers:
+            wait_until(lambda c=consumer: c.dump() is not None, 60, f"{consumer.name} to bootstrap")
+        history = [
+            _transition("again", E1, 1, "online", "online"),
+            _transition("again", E1, 2, "offline", "deleted"),
+            _transition("again", E2, 1, "online", "online"),
+            _transition("again", E2, 2, "offline", "deleted"),
+            _transition("again", E3, 1, "logged_out", "logout"),
+            _transition("back", OLD, 3, "offline", "deleted"),  # a repeat: STATE's tombstone ended OLD
+            _transition("back", NEW, 1, "online", "online"),
+            # A repeat of the current record's transition, a repeat of the second deletion, and a late transition
+            # of the first record.
+            _transition("again", E3, 1, "logged_out", "logout"),
+            _transition("again", E2, 2, "offline", "deleted"),
+            _transition("again", E1, 1, "online", "online"),
+        ]
+        asyncio.run(_produce(kafka_bootstrap, transitions_topic, history))
+        for consumer in consumers:
+            wait_until(
+                lambda c=consumer: (c.dump() or {}).get("positions", {}).get("0", 0) >= len(history), 30,
+                f"the {consumer.name} consumer to read the crafted transitions",
+            )  # fmt: skip
+        dumps = {consumer.name: consumer.stop() for consumer in consumers}
+    finally:
+        for consumer in consumers:
+            if consumer.process is not None and consumer.process.poll() is None:
+                consumer.process.kill()
+                consumer.process.wait()
+    expected_users = {
+        "again": {"status": "logged_out", "epoch": E3, "seq": 1},
+        "back": {"status": "online", "epoch": NEW, "seq": 1},
+    }
+    expected_stats = {
+        "state_records": 2, "state_tombstones": 1, "applied": 6, "new_epochs": 3, "deletions": 2,
+        "stale_of_deleted": 3, "repeats": 1, "gaps": 0, "ids_checked": 3 + len(history), "id_mismatches": 0,
+    }  # fmt: skip
+    for name, dump in dumps.items():
+        with capsys.disabled():
+            print(f"\n[consumers] crafted epochs, {name}: {dump['users']} {dump['stats']}")
+        assert dump["users"] == expected_users, f"{name}: {dump['gaps']}"
+        assert {k: dump["stats"][k] for k in expected_stats} == expected_stats, f"{name}: {dump['gaps']}"
 
 
 def test_consumer_dump_shape_is_documented() -> None:

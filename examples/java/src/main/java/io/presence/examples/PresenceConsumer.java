@@ -15,6 +15,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.StandardCopyOption;
 import java.time.Duration;
+import java.time.Instant;
 import java.util.ArrayList;
 import java.util.HashMap;
 import java.util.List;
@@ -60,11 +61,21 @@ public final class PresenceConsumer {
     }
   }
 
+  /**
+   * How long an ended epoch is remembered: TRANSITIONS' retention (PRESENCE_TOPIC_TRANSITIONS_RETENTION_MS, 7
+   * days). No repeat of a transition can arrive later than that after the consumer saw its epoch end, so the entry
+   * can then be forgotten (docs/consuming.md, "Epochs").
+   */
+  static final Duration ENDED_EPOCH_RETENTION = Duration.ofDays(7);
+
   /** The users' map and the rule of docs/consuming.md, step 4. */
   static final class Presence {
     final Map<String, Entry> users = new HashMap<>();
-    // userid -> epoch of the record a tombstone or a "deleted" transition ended.
-    final Map<String, Long> closed = new HashMap<>();
+    // userid -> every epoch a tombstone or a "deleted" transition ended -> when the consumer saw it end. A set, not
+    // the last one: an ended record never becomes current again, but the user's next record may have a larger or a
+    // smaller epoch, and after a worker restart the repeats of several ended epochs may arrive while the user has a
+    // newer record. It is kept when the user comes back, for the same reason.
+    final Map<String, Map<Long, Instant>> ended = new HashMap<>();
     final Map<String, Integer> stats = new TreeMap<>();
     final List<Map<String, Object>> gaps = new ArrayList<>();
     QueryApi repairer;
@@ -97,10 +108,7 @@ public final class PresenceConsumer {
     void applyState(String key, byte[] value, String id) throws IOException {
       if (value == null) {
         checkId(id, id.startsWith(key + ":") && id.endsWith(":deleted"));
-        Entry cur = users.remove(key);
-        if (cur != null) {
-          closed.put(key, cur.epoch());
-        }
+        forget(key);
         count("state_tombstones");
         return;
       }
@@ -109,20 +117,20 @@ public final class PresenceConsumer {
       users.put(
           key,
           new Entry(node.path("status").asText(), node.path("epoch").asLong(), node.path("seq").asLong()));
-      closed.remove(key);
       count("state_records");
     }
 
     void applyTransition(Transition t) {
       Entry cur = users.get(t.userid());
       boolean deleted = "deleted".equals(t.causeEvent());
-      Long closedEpoch = closed.get(t.userid());
-      if (cur == null && deleted) {
-        count("repeats"); // the deletion of a user already forgotten
+      if (isEnded(t.userid(), t.epoch())) {
+        // A late transition, or a repeat, of a record already deleted: whether or not the user has a record now,
+        // an ended record never becomes current again.
+        count("stale_of_deleted");
         return;
       }
-      if (cur == null && closedEpoch != null && closedEpoch == t.epoch()) {
-        count("stale_of_deleted"); // a transition of a record already deleted
+      if (cur == null && deleted) {
+        count("repeats"); // the deletion of a user already forgotten
         return;
       }
       if (cur == null && t.seq() == 1) {
@@ -154,16 +162,45 @@ public final class PresenceConsumer {
       set(t, deleted);
     }
 
+    /**
+     * Whether {@code epoch} is one of the user's ended epochs. Epochs are compared for equality only: a smaller
+     * epoch than an ended one may be a new record (docs/consuming.md, "Epochs").
+     */
+    boolean isEnded(String userid, long epoch) {
+      return ended.getOrDefault(userid, Map.of()).containsKey(epoch);
+    }
+
+    /**
+     * Removes the user (a tombstone, a "deleted" transition, or a 404 from the query API) and remembers the epoch
+     * of the record that ended.
+     */
+    private void forget(String userid) {
+      Entry cur = users.remove(userid);
+      if (cur != null) {
+        endEpoch(userid, cur.epoch());
+      }
+    }
+
+    private void endEpoch(String userid, long epoch) {
+      ended.computeIfAbsent(userid, k -> new HashMap<>()).put(epoch, Instant.now());
+    }
+
+    /** Drops the ended epochs seen end more than ENDED_EPOCH_RETENTION ago, so users who never come back go. */
+    void forgetOldEndedEpochs() {
+      Instant oldest = Instant.now().minus(ENDED_EPOCH_RETENTION);
+      ended.values().forEach(epochs -> epochs.values().removeIf(seen -> seen.isBefore(oldest)));
+      ended.values().removeIf(Map::isEmpty);
+    }
+
     private void set(Transition t, boolean deleted) {
       count("applied");
       if (deleted) {
         count("deletions");
         users.remove(t.userid());
-        closed.put(t.userid(), t.epoch());
+        endEpoch(t.userid(), t.epoch());
         return;
       }
       users.put(t.userid(), new Entry(t.to(), t.epoch(), t.seq()));
-      closed.remove(t.userid());
     }
 
     /** After a gap, take the user's record from the query API (404: unknown, i.e. offline). */
@@ -175,10 +212,7 @@ public final class PresenceConsumer {
         Entry entry = repairer.get(userid);
         count("repairs");
         if (entry == null) {
-          Entry cur = users.remove(userid);
-          if (cur != null) {
-            closed.put(userid, cur.epoch());
-          }
+          forget(userid);
         } else {
           users.put(userid, entry);
         }
@@ -324,6 +358,7 @@ public final class PresenceConsumer {
                   }));
       long lastMessage = System.currentTimeMillis();
       long lastWrite = 0;
+      long lastForget = System.currentTimeMillis();
       try {
         while (!stopping.get()) {
           for (ConsumerRecord<byte[], byte[]> r : follower.poll(Duration.ofMillis(500))) {
@@ -337,6 +372,10 @@ public final class PresenceConsumer {
             }
             positions.put(new TopicPartition(r.topic(), r.partition()), r.offset() + 1);
             lastMessage = System.currentTimeMillis();
+          }
+          if (System.currentTimeMillis() - lastForget >= Duration.ofHours(1).toMillis()) {
+            presence.forgetOldEndedEpochs();
+            lastForget = System.currentTimeMillis();
           }
           if (out != null && System.currentTimeMillis() - lastWrite >= 1000) {
             write(out, presence, positions);
