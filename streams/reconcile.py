@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final, Protocol
 
-from core.contract import OBSERVATION_SOURCES, ObservationSource
+from core.contract import OBSERVATION_SOURCES, GapMarker, ObservationSource
 
 URGENCY: Final[dict[ObservationSource, int]] = {source: n for n, source in enumerate(OBSERVATION_SOURCES)}
 
@@ -342,3 +342,26 @@ def offer_gap_checks(sink: CheckSink, gap_id: str, gap_end_ms: int, ranked: Iter
         if result in (Offer.QUEUED, Offer.RAISED):
             queued += 1
     return queued
+
+
+class GapGroups:
+    """An intake gap's markers, gathered per gap for ``settle_ms`` after its first one, so the partitions of one gap
+    are ranked together: one gap's cap is then spent on its most urgent users across every partition this worker
+    owns, not on the first partition scanned. A gap's marker taken after its group went out starts a new group (it
+    gets what is left of the cap)."""
+
+    def __init__(self, settle_ms: int) -> None:
+        self.settle_ms = settle_ms
+        self._groups: dict[str, tuple[int, list[tuple[int, GapMarker]]]] = {}
+
+    def add(self, partition: int, marker: GapMarker, now_ms: int) -> None:
+        _, members = self._groups.setdefault(marker.id, (now_ms, []))
+        members.append((partition, marker))
+
+    def ready(self, now_ms: int) -> list[list[tuple[int, GapMarker]]]:
+        """The groups settled by ``now_ms``, each its (partition, marker) pairs in the order taken; removed."""
+        done = [gap for gap, (first, _) in self._groups.items() if now_ms - first >= self.settle_ms]
+        return [self._groups.pop(gap)[1] for gap in done]
+
+    def __len__(self) -> int:
+        return len(self._groups)

@@ -44,7 +44,7 @@ from streams.config import WorkerSettings
 from streams.envelope import Headers
 from streams.metrics import WorkerMetrics
 from streams.processor import MAX_TRANSITIONS_PER_RECORD, TICK, Outgoing, Processor, TransitionTally
-from streams.reconcile import AgePolicy, offer_gap_checks
+from streams.reconcile import AgePolicy, GapGroups, offer_gap_checks
 from streams.runtime import delivery, fixes, internals, versions
 from streams.runtime.delivery import BatchMessage
 from streams.runtime.fixes import CommitGate
@@ -432,25 +432,35 @@ def _add_reconciler(worker: Worker) -> None:
     lookback_ms = int(settings.reconcile_gap_lookback_seconds * 1000)
     scans: set[asyncio.Task[None]] = set()
 
-    async def scan_gap(partition: int, marker: GapMarker) -> None:
-        """One pass over the partition's records, pausing every few hundred so the agent keeps going."""
+    # Markers of one gap reach this worker's partitions a little apart: ranked together, the gap's cap goes to its
+    # most urgent users across all of them.
+    gap_groups = GapGroups(settle_ms=int(2 * settings.worker_tick_interval_seconds * 1000))
+
+    async def scan_gap(group: list[tuple[int, GapMarker]]) -> None:
+        """One pass over each partition's records, pausing every few hundred so the agent keeps going; then one
+        offer of all the gap's candidates, most urgent first."""
         ranked: list[tuple[str, int]] = []
-        try:
-            for n, (userid, rank) in enumerate(
-                worker.processor.gap_candidates(partition, marker, lookback_ms)
-            ):
-                if rank is not None:
-                    ranked.append((userid, rank))
-                if n % 500 == 499:
-                    await asyncio.sleep(0)
-        except Exception:
-            # The partition may have been revoked (its store closed) meanwhile; its new owner reads the marker.
-            log.warning("scanning for an intake gap stopped", exc_info=True, extra={"partition": partition})
-            return
+        scanned: list[int] = []
+        for partition, marker in group:
+            try:
+                for n, (userid, rank) in enumerate(
+                    worker.processor.gap_candidates(partition, marker, lookback_ms)
+                ):
+                    if rank is not None:
+                        ranked.append((userid, rank))
+                    if n % 500 == 499:
+                        await asyncio.sleep(0)
+                scanned.append(partition)
+            except Exception:
+                # The partition may have been revoked (its store closed) meanwhile; its new owner reads the marker.
+                log.warning(
+                    "scanning for an intake gap stopped", exc_info=True, extra={"partition": partition}
+                )
+        marker = group[0][1]
         queued = offer_gap_checks(reconciler, marker.id, marker.end, ranked)
         log.info(
             "intake gap: users queued for a check",
-            extra={"gap": marker.id, "reason": marker.reason, "partition": partition,
+            extra={"gap": marker.id, "reason": marker.reason, "partitions": scanned,
                    "candidates": len(ranked), "queued": queued},
         )  # fmt: skip
 
@@ -465,7 +475,10 @@ def _add_reconciler(worker: Worker) -> None:
         worker.processor.age_checks(
             _now_ms(), limit=reconciler.room_for_age(4 * settings.worker_tick_interval_seconds)
         )
+        now = _now_ms()
         for partition, marker in worker.processor.take_gaps():
-            task = asyncio.create_task(scan_gap(partition, marker))
+            gap_groups.add(partition, marker, now)
+        for group in gap_groups.ready(now):
+            task = asyncio.create_task(scan_gap(group))
             scans.add(task)
             task.add_done_callback(scans.discard)

@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from core.contract import GapMarker, Observation, ObservationSource, encode_gap_marker, encode_observation
 from streams.metrics import WorkerMetrics
 from streams.processor import Outgoing, Processor, decode_record
-from streams.reconcile import AgePolicy, CheckQueue, offer_gap_checks
+from streams.reconcile import AgePolicy, CheckQueue, GapGroups, offer_gap_checks
 from streams.rules import MINUTE_MS, PresenceConfig
 from tests.unit.streams.test_processor import TRANSITIONS_SCHEMA, raw, transitions
 from tests.unit.streams.test_processor_reconcile import Recorder
@@ -217,7 +217,7 @@ def test_a_gap_queues_users_online_at_its_start_and_users_heard_of_shortly_befor
     h = Harness(gap_cap=3)
     gap_start, gap_end = T + 10 * MINUTE_MS, T + 11 * MINUTE_MS
     lookback = MINUTE_MS
-    # Partition 0 is scanned first; one worker owns both partitions, and the cap is per gap, not per partition.
+    # One worker owns both partitions, and the cap is per gap, not per partition.
     for userid, partition in (("recent-0", 0), ("online-0", 0), ("recent-1", 0), ("online-1", 0),
                               ("online-2", 1), ("quiet", 1)):  # fmt: skip
         h.partition_of[userid] = partition
@@ -237,21 +237,21 @@ def test_a_gap_queues_users_online_at_its_start_and_users_heard_of_shortly_befor
     ranks = {p: dict(h.processor.gap_candidates(p, gap, lookback)) for p, gap in taken}
     assert ranks == {0: {"recent-0": 1, "online-0": 0, "recent-1": 1, "online-1": 0},
                      1: {"online-2": 0, "quiet": None}}  # fmt: skip
-    # What the worker's timer does with each partition's scan.
-    queued = [
-        offer_gap_checks(h.sink, gap.id, gap.end, [(u, r) for u, r in ranks[p].items() if r is not None])
-        for p, gap in taken
-    ]
-    assert queued == [3, 0]
-    # Within a partition's scan, rank 0 goes first; the cap is admitted in scan order, so a later partition's
-    # rank-0 user finds it used up.
+    # What the worker's timer does: the gap's markers gathered (GapGroups), every partition's candidates offered
+    # together, rank 0 first, so the cap goes to the most urgent users across partitions.
+    groups = GapGroups(settle_ms=2000)
+    for p, gap in taken:
+        groups.add(p, gap, gap_end + 5)
+    assert groups.ready(gap_end + 1000) == [] and len(groups) == 1
+    (group,) = groups.ready(gap_end + 2005)
+    candidates = [(u, r) for p, _ in group for u, r in ranks[p].items() if r is not None]
+    assert offer_gap_checks(h.sink, group[0][1].id, gap_end, candidates) == 3
     assert [(userid, result.value) for userid, _, result in h.sink.offers] == [
-        ("online-0", "queued"), ("online-1", "queued"), ("recent-0", "queued"), ("recent-1", "gap_cap"),
-        ("online-2", "gap_cap"),
+        ("online-0", "queued"), ("online-1", "queued"), ("online-2", "queued"), ("recent-0", "gap_cap"),
     ]  # fmt: skip
     assert all(source == "intake_gap" for _, source, _ in h.sink.offers)
     # Each check asks for an answer to a request sent after the gap ended.
     checks = [h.sink.queue.pop(gap_end + 1) for _ in range(3)]
     assert all(c is not None and c.fresh_after == gap_end and c.gap == "gw-1:gap" for c in checks)
-    assert [c.userid for c in checks if c is not None] == ["online-0", "online-1", "recent-0"]
+    assert [c.userid for c in checks if c is not None] == ["online-0", "online-1", "online-2"]
     assert h.sink.queue.pop(gap_end + 1) is None
