@@ -125,3 +125,8 @@ def test_ghosts(tmp_path: Path) -> None:
     else:
         assert on["reconciliation_wired"] is True
         assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
+        # Reconciliation did its work: it asked RongCloud (the emulator), corrected users the lost callbacks left
+        # wrong, and asked nothing before anyone could be silent or suspect.
+        assert on["api"]["calls"] > 0
+        assert sum(on["score"]["corrections"].values()) > 0
+        assert doc["targets"]["api_calls_while_nothing_to_check"]["met"] is True
