@@ -353,10 +353,9 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Fate:
-    """How one upstream event reached the product (epoch ms): ``received`` is when its first copy to arrive was
-    answered (None: every copy was lost or dropped), ``due`` when upstream meant to send that copy, and
-    ``failed_at`` when an attempt of it failed first (None: its first attempt succeeded); ``dropped``: a copy
-    failed all its attempts."""
+    """How one upstream event reached the product (epoch ms): ``received`` is when the gateway first accepted it
+    (None: never), ``due`` when upstream meant to send its first copy, ``failed_at`` when an attempt of a copy
+    first failed (None: none did); ``dropped``: a copy failed all its attempts."""
 
     time: int
     received: int | None
@@ -392,35 +391,39 @@ class Causes:
     pipeline_ms: int
 
 
-def sessions_from_trace(trace: Trace, base_ms: int, outcomes: dict[int, Outcome]) -> dict[str, list[Session]]:
+def sessions_from_trace(
+    trace: Trace,
+    base_ms: int,
+    outcomes: dict[int, Outcome],
+    accepted: dict[tuple[str, bool], int] | None = None,
+) -> dict[str, list[Session]]:
     """Each user's sessions as the truth has them (:class:`~presence.emulator.GroundTruth`: the earliest online
     opens, the earliest end closes), with the fate of those two events: ``outcomes`` by a delivery's index in
-    ``trace`` (one not named was delivered when due, at once)."""
-    # (userid, sessionId, opens?) -> event time -> [(answered, due, first failure) of the first copy to arrive
-    # or None, a copy dropped]
+    ``trace`` (one not named was delivered when due, at once); ``accepted``: when the gateway first accepted
+    each (sessionId, online?) event (RAW's ``received_at``), which is what counts, as an attempt upstream gave
+    up on may have reached the product all the same; without it, when upstream's attempt was answered."""
+    # (userid, sessionId, opens?) -> event time -> [first answer, first due, first failure, a copy dropped]
     copies: dict[tuple[str, str, bool], dict[int, list[Any]]] = defaultdict(dict)
     for index, delivery in enumerate(trace.deliveries):
         due = base_ms + delivery.at_ms
         outcome = outcomes.get(index, Outcome("delivered", due))
         for event in delivery.events:
             key = (event["userid"], event["sessionId"], str(event["status"]) == "0")
-            seen = copies[key].setdefault(int(event["time"]), [None, False])
-            if (
-                outcome.how == "delivered"
-                and outcome.at is not None
-                and (seen[0] is None or outcome.at < seen[0][0])
-            ):
-                seen[0] = (outcome.at, due, outcome.failed_at)
-            seen[1] = seen[1] or outcome.how == "dropped"
+            seen = copies[key].setdefault(int(event["time"]), [None, None, None, False])
+            if outcome.how == "delivered" and outcome.at is not None:
+                seen[0] = outcome.at if seen[0] is None else min(seen[0], outcome.at)
+            seen[1] = due if seen[1] is None else min(seen[1], due)
+            if outcome.failed_at is not None:
+                seen[2] = outcome.failed_at if seen[2] is None else min(seen[2], outcome.failed_at)
+            seen[3] = seen[3] or outcome.how == "dropped"
 
     def fate(key: tuple[str, str, bool]) -> Fate | None:
         if not copies.get(key):
             return None
         at = min(copies[key])
-        first, dropped = copies[key][at]
-        if first is None:
-            return Fate(base_ms + at, None, dropped=dropped)
-        return Fate(base_ms + at, first[0], first[1], first[2], dropped)
+        answered, due, failed_at, dropped = copies[key][at]
+        received = answered if accepted is None else accepted.get((key[1], key[2]))
+        return Fate(base_ms + at, received, due, failed_at, dropped)
 
     sessions: dict[str, list[Session]] = defaultdict(list)
     for userid, session_id, opens in list(copies):
@@ -438,16 +441,15 @@ def sessions_from_trace(trace: Trace, base_ms: int, outcomes: dict[int, Outcome]
 
 def _blame(fate: Fate, at: int, causes: Causes) -> str | None:
     """Why the product had not been told of ``fate``'s event by ``at``; None if it had been."""
-    if fate.received is None:
-        return "outage" if fate.dropped else "lost"
-    if fate.received <= at:
+    if fate.received is not None and fate.received <= at:
         return None
     held = causes.held
-    if held is not None and any(
-        t is not None and held[0] <= t <= held[1] for t in (fate.received, fate.failed_at)
-    ):
+    times = (fate.due, fate.failed_at, fate.received)
+    if held is not None and any(t is not None and held[0] <= t <= held[1] for t in times):
         return "outage"
-    if fate.failed_at is not None:
+    if fate.received is None and not fate.dropped and fate.failed_at is None:
+        return "lost"
+    if fate.failed_at is not None or fate.received is None:
         return "retried"
     if fate.due is not None and fate.due - fate.time > causes.late_ms:
         return "late_offline"
@@ -463,11 +465,11 @@ def attribute(wrong: Wrong, shown: Sequence[Shown], causes: Causes) -> str:
       ``s`` and that the product may still have held open (the session's online was received, or its end
       happened, after the product last showed the user offline). Shown offline, really online: the onlines of
       the sessions open at ``s``.
-    - Each such event the gateway had not accepted by ``s`` (its first copy to arrive answered 200 later, or
-      never) is blamed on: ``outage`` when a copy was dropped (all attempts failed) and none delivered, or the
-      copy was answered, or an attempt of it failed, in the outage (the gateway killed until healthy again, plus
-      upstream's pause after it); ``lost`` when every copy was lost outright; ``retried`` when an attempt of it
-      failed outside the outage (the gateway too slow to answer within upstream's 5 s, or refusing);
+    - Each such event the gateway had not accepted by ``s`` (accepted later, or never) is blamed on: ``outage``
+      when it fell due, an attempt of it failed, or it was accepted, in the outage (the gateway killed until
+      healthy again, plus upstream's pause after it; deliveries held back meanwhile go out after it, in a
+      burst); ``lost`` when every copy was lost outright; ``retried`` when attempts of it failed outside the
+      outage (the gateway too slow to answer within upstream's 5 s, or refusing; dropped after three);
       ``late_offline`` when upstream sent it more than :data:`LATE_AFTER_S` trace seconds after its time (in the
       trace, only the late offlines are); ``pipeline`` when it was sent on time and accepted just after ``s``
       (upstream's batching). With several, the first of that order wins.
@@ -752,7 +754,13 @@ class Mode:
         held = None if kill is None or healthy is None else (int(kill), int(healthy + size.wall(60.0) * 1000))
         p99 = result["processing_delay_wall_s"]["p99"]
         pipeline_ms = margin_ms if math.isnan(p99) else max(margin_ms, int(p99 * 1000))
-        causes = Causes(sessions_from_trace(self.trace, base_ms, self.sender.outcomes), held,
+        accepted: dict[tuple[str, bool], int] = {}
+        for record in raw:
+            if record.get("kind") is None and isinstance(record.get("received_at"), int):
+                key = (record["sessionId"], record["status"] == 0)
+                accepted[key] = min(record["received_at"], accepted.get(key, record["received_at"]))
+        sessions = sessions_from_trace(self.trace, base_ms, self.sender.outcomes, accepted)
+        causes = Causes(sessions, held,
                         late_ms=int(size.wall(LATE_AFTER_S) * 1000), pipeline_ms=pipeline_ms)  # fmt: skip
         outcomes = self.sender.outcomes.values()
         gave_up = Counter(o.how for o in outcomes)

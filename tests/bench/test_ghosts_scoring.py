@@ -188,6 +188,9 @@ def test_each_wrong_interval_is_attributed_to_what_became_of_the_event_it_needed
     assert sessions["retried"][0].opened.received == 5_000
     assert sessions["lost"][0].opened.received is None and not sessions["lost"][0].opened.dropped
     assert sessions["outage"][0].ended is not None and sessions["outage"][0].ended.dropped
+    # What the gateway accepted (RAW) counts, not upstream's view: an attempt it gave up on may have got through.
+    accepted = sessions_from_trace(trace, 0, outcomes, {("outage-1", False): 125_000})["outage"][0].ended
+    assert accepted is not None and accepted.received == 125_000
     causes = Causes(sessions, held=(100_000, 150_000), late_ms=10_000, pipeline_ms=30_000)
     shown = {
         "late": [Shown(1_000, True), Shown(201_000, False)],
