@@ -20,7 +20,9 @@ trace's span, for every user the trace names:
 - API calls per second (the emulator's record of every call) against the budget, and calls while nobody can be
   silent yet and nothing is suspect (before ``max_silence`` has passed, before the outage);
 - corrections (transitions caused by an observation, ``cause.event == "reconcile"``) that were wrong: the status
-  they set disagreed with the truth at their ``emitted_at`` for longer than the margin.
+  they set disagreed with the truth at their ``emitted_at`` for longer than the margin;
+- the wrong time and ghosts by cause (:func:`attribute`: the outage, a lost callback, failed attempts, a late
+  offline, the pipeline's delay, a correction, or other), to tell what reconciliation could have reached.
 
 **Time compression.** Fifteen minutes twice do not fit in a benchmark's few minutes, so the default size runs a
 trace ``speedup`` times faster: every duration is divided by the factor — the trace's times (and with them
