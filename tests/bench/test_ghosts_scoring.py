@@ -8,13 +8,18 @@ from typing import Any
 import pytest
 
 from bench.ghosts import (
+    CAUSES,
     SIZES,
+    Causes,
+    Outcome,
     Shown,
     Wrong,
+    attribute,
     compress,
     max_in_window,
     processing_delays,
     score,
+    sessions_from_trace,
     shown_changes,
     wrong_intervals,
 )
@@ -145,3 +150,119 @@ def test_processing_delay_runs_from_the_gateways_receipt_to_the_transition() -> 
         {"userid": "u", "emitted_at": 7_000, "cause": {"sessionId": "reconcile", "event": "reconcile"}},
     ]
     assert processing_delays(raw, transitions) == [(1_000, 0.02), (5_000, 0.25)]
+
+
+def _event(userid: str, session: str, status: str, at: int) -> dict[str, Any]:
+    return {"userid": userid, "sessionId": session, "status": status, "time": at, "os": "iOS"}
+
+
+def test_each_wrong_interval_is_attributed_to_what_became_of_the_event_it_needed() -> None:
+    """A lost online, a late offline, an offline dropped in the outage and one held back by it, an online
+    accepted only after a failed attempt, an offline accepted in time but never shown, a retry that made up for
+    a lost copy, and a user shown right (bar the pipeline's delay). Times in ms, speedup 1; the outage held
+    deliveries back from 100 s to 150 s."""
+    first = tuple(_event(user, f"{user}-1", "0", 0) for user in ("late", "outage", "held", "ok", "stuck"))
+    deliveries = [
+        Delivery(100, "d0", first),
+        Delivery(100, "d1", (_event("slow", "slow-1", "0", 0),)),  # its first attempt timed out
+        Delivery(200, "d2", (_event("retried", "retried-1", "0", 0),)),  # lost ...
+        Delivery(5_000, "d2", (_event("retried", "retried-1", "0", 0),), retry_of=2),  # ... its retry arrived
+        Delivery(10_100, "d4", (_event("lost", "lost-1", "0", 10_000),)),  # lost: the online never arrives
+        Delivery(60_100, "d5", (_event("stuck", "stuck-1", "1", 60_000),)),  # accepted, never shown
+        Delivery(110_050, "d6", (_event("held", "held-1", "1", 110_000),)),  # due in the outage
+        Delivery(121_000, "d7", (_event("outage", "outage-1", "1", 120_000),)),  # three attempts failed
+        Delivery(200_000, "d8", (_event("late", "late-1", "1", 50_000),)),  # upstream's late offline
+        Delivery(300_050, "d9", (_event("ok", "ok-1", "2", 300_000),)),
+    ]
+    outcomes = {
+        1: Outcome("delivered", at=20_000, failed_at=100),
+        2: Outcome("lost"),
+        4: Outcome("lost"),
+        6: Outcome(
+            "delivered", at=140_000
+        ),  # answered once the gateway was back, before upstream's pause ended
+        7: Outcome("dropped", failed_at=121_000),
+    }  # the others: delivered when due
+    trace = Trace(TraceSpec(), deliveries)
+    sessions = sessions_from_trace(trace, 0, outcomes)
+    assert sessions["retried"][0].opened.received == 5_000
+    assert sessions["lost"][0].opened.received is None and not sessions["lost"][0].opened.dropped
+    assert sessions["outage"][0].ended is not None and sessions["outage"][0].ended.dropped
+    # What the gateway accepted (RAW) counts, not upstream's view: an attempt it gave up on may have got through.
+    accepted = sessions_from_trace(trace, 0, outcomes, {("outage-1", False): 125_000})["outage"][0].ended
+    assert accepted is not None and accepted.received == 125_000
+    causes = Causes(sessions, held=(100_000, 150_000), late_ms=10_000, pipeline_ms=30_000)
+    shown = {
+        "late": [Shown(1_000, True), Shown(201_000, False)],
+        "outage": [Shown(1_000, True)],
+        "held": [Shown(1_000, True), Shown(141_000, False)],
+        "ok": [Shown(500, True), Shown(300_500, False)],
+        "stuck": [Shown(500, True)],
+        "retried": [Shown(5_500, True)],
+        "slow": [Shown(20_500, True)],
+    }
+    truth = GroundTruth.from_trace(trace)
+    window = (0, 400_000)
+    causes_of = {
+        (w.userid, w.start): attribute(w, shown.get(w.userid, []), causes)
+        for userid in truth.users()
+        for w in wrong_intervals(userid, _changes(truth, userid), shown.get(userid, []), window)
+    }
+    assert causes_of == {
+        ("lost", 10_000): "lost",  # really online from 10 s, shown offline to the end: never told
+        ("late", 0): "pipeline",
+        ("late", 50_000): "late_offline",  # really offline from 50 s, told at 200 s
+        ("outage", 0): "pipeline",
+        ("outage", 120_000): "outage",  # its offline dropped: still shown online at the end
+        ("held", 0): "pipeline",
+        ("held", 110_000): "outage",  # its offline accepted at 140 s, in the outage's hold
+        ("ok", 0): "pipeline",
+        ("ok", 300_000): "pipeline",
+        ("stuck", 0): "pipeline",
+        ("stuck", 60_000): "other",  # accepted at 60 s, still shown online 340 s later: the stream's doing
+        ("retried", 0): "pipeline",  # the lost copy's retry came 5 s later, under the late threshold
+        ("slow", 0): "retried",  # accepted at 20 s, after a failed attempt outside the outage
+    }
+    result = score(truth, 0, shown, window, margin_ms=30_000, speedup=1.0, causes=causes)
+    by = result["by_cause"]
+    assert set(by) == set(CAUSES)
+    assert by["lost"]["user_seconds"] == pytest.approx(390) and by["lost"]["ghosts_offline"] == 1
+    assert by["late_offline"]["ghost_online_user_seconds"] == pytest.approx(151)
+    assert by["outage"]["user_seconds"] == pytest.approx(280 + 31) and by["outage"]["ghosts_online"] == 2
+    assert by["retried"]["user_seconds"] == pytest.approx(20.5) and by["retried"]["ghosts"] == 0
+    assert by["other"]["user_seconds"] == pytest.approx(340)
+    assert by["pipeline"]["user_seconds"] == pytest.approx(1 + 1 + 1 + 0.5 + 0.5 + 0.5 + 5.5)
+    assert by["pipeline"]["ghosts"] == 0 and by["correction"]["intervals"] == 0
+    # Every wrong interval has one cause: the causes add up to the whole.
+    assert sum(c["share"] for c in by.values()) == pytest.approx(result["wrong_share"])
+
+
+def _changes(truth: GroundTruth, userid: str) -> list[tuple[int, bool]]:
+    changes: list[tuple[int, bool]] = []
+    for start, end in truth.intervals(userid):
+        changes.append((start, True))
+        if end is not None:
+            changes.append((end, False))
+    return changes
+
+
+def test_a_correction_that_shows_the_wrong_status_is_its_own_cause_and_a_user_let_go_is_not_blamed() -> None:
+    """A lost offline the product let go of (a correction showed the user offline) is not blamed for a later
+    ghost; a correction that starts a wrong interval is."""
+    trace = Trace(TraceSpec(), [
+        Delivery(10, "a", (_event("u", "s1", "0", 0),)),
+        Delivery(20_010, "b", (_event("u", "s1", "1", 20_000),)),  # lost
+        Delivery(100_010, "c", (_event("u", "s2", "0", 100_000),)),
+        Delivery(200_010, "d", (_event("u", "s2", "1", 200_000),)),
+    ])  # fmt: skip
+    causes = Causes(
+        sessions_from_trace(trace, 0, {1: Outcome("lost")}), None, late_ms=10_000, pipeline_ms=5_000
+    )
+    shown = [Shown(500, True), Shown(60_000, False, reconcile=True), Shown(100_500, True),
+             Shown(150_000, False, reconcile=True), Shown(160_000, True)]  # fmt: skip
+    assert attribute(Wrong("u", 20_000, 60_000, ghost_online=True, open=False), shown, causes) == "lost"
+    assert (
+        attribute(Wrong("u", 150_000, 160_000, ghost_online=False, open=False), shown, causes) == "correction"
+    )
+    # s2's offline delivered at once but not shown for 50 s; s1 (lost end) was let go at 60 s: not to blame.
+    assert attribute(Wrong("u", 200_000, 250_000, ghost_online=True, open=False), shown, causes) == "other"
