@@ -21,6 +21,7 @@ Pure and cheap: the glue builds one list per message. Header values are bytes, a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from datetime import UTC, datetime
 from typing import Final
@@ -62,7 +63,14 @@ def event_id(userid: str, epoch: int, seq: int) -> str:
 
 def rfc3339(ms: int) -> str:
     """Epoch milliseconds as RFC 3339 in UTC with milliseconds, e.g. ``2025-01-01T00:00:00.123Z``."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    second, milli = divmod(ms, 1000)
+    return f"{_second_prefix(second)}{milli:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_prefix(second: int) -> str:
+    # Formatting a date costs several microseconds; a worker's messages of one batch fall in few seconds.
+    return datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def _common(source: str, id_: str, type_: bytes, time_ms: int) -> Headers:
