@@ -196,7 +196,10 @@ def one_by_one(
     table: dict[str, Any] = {}
     # In key order, as RocksDB scans: a restart re-sends users in the order of the scan.
     processor = Processor(
-        table, settings_.presence_config(), lambda p: sorted(table.items()) if p == PARTITION else []
+        table,
+        settings_.presence_config(),
+        lambda p: sorted(table.items()) if p == PARTITION else [],
+        source=settings_.worker_app_id,
     )
     checks = Checks()
     processor.enable_reconciliation(checks, AGE)
