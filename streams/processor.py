@@ -7,7 +7,8 @@ clock, and sends the :class:`Outgoing` messages it returns, in order.
 Sweeps (S6 retention, S8 releases) run from the stream: after each message the partition's users whose
 ``next_sweep_at`` has been reached by stream time are swept, a bounded number per message. An in-memory index
 (a heap of due times) finds them; it is rebuilt from the table when the partition is (re)assigned, so it is
-safe under rebalance, and it is only a hint: every popped entry is checked against the record itself.
+safe under rebalance, and it is only a hint: every popped entry is checked against the record itself. The rebuild
+reads the summary at the head of each table value (:func:`summarize`), not the whole record.
 
 Stream time per partition is kept in memory and stored with every record the partition writes (``"t"``), so it
 costs no write of its own: the restored stream time is the largest one among the restored records, read while
