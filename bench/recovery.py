@@ -162,9 +162,10 @@ def _topic_bytes(ws: Workspace, topic: str) -> int:
     return sum(dir_bytes(path) for path in (ws.root / "kafka" / "data").glob(f"{topic}-*"))
 
 
-def run(smoke: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
-    users = 20_000 if smoke else 1_000_000
-    timeout = 120 if smoke else 900
+def run(smoke: bool = False, out_dir: Path | None = None, users: int | None = None) -> dict[str, Any]:
+    """``users``: another table size than the smoke or full one (a manual run, e.g. on a busy machine)."""
+    users = users or (20_000 if smoke else 1_000_000)
+    timeout = 120 if smoke and users <= 20_000 else 900
     with workspace("recovery", heap="2g") as ws:
         _settings_, dataset = prepare(ws, users, "bench-recovery")
         probe = Probe(ws, "bench.recovery.transitions", "bench.worker.raw")

@@ -7,7 +7,8 @@ clock, and sends the :class:`Outgoing` messages it returns, in order.
 Sweeps (S6 retention, S8 releases) run from the stream: after each message the partition's users whose
 ``next_sweep_at`` has been reached by stream time are swept, a bounded number per message. An in-memory index
 (a heap of due times) finds them; it is rebuilt from the table when the partition is (re)assigned, so it is
-safe under rebalance, and it is only a hint: every popped entry is checked against the record itself.
+safe under rebalance, and it is only a hint: every popped entry is checked against the record itself. The rebuild
+reads the summary at the head of each table value (:func:`summarize`), not the whole record.
 
 Stream time per partition is kept in memory and stored with every record the partition writes (``"t"``), so it
 costs no write of its own: the restored stream time is the largest one among the restored records, read while
@@ -131,12 +132,116 @@ def decode_record(value: bytes | None) -> UserRecord | None:
 def encode_record(
     record: UserRecord, applied_offset: int = -1, stream_time: int = 0, deleted_by: str | None = None
 ) -> bytes:
-    data = rules.record_to_dict(record)
+    """The table value: the record's summary (``"i"``, first), the record, ``"o"``, ``"t"`` and ``"x"``."""
+    data: dict[str, Any] = {_SUMMARY: summarize(record, stream_time, deleted_by)}
+    data.update(rules.record_to_dict(record))
     data[_APPLIED] = applied_offset
     data[_STREAM_TIME] = stream_time
     if deleted_by is not None:
         data[_DELETED_BY] = deleted_by
     return orjson.dumps(data)
+
+
+# --- the record's summary --------------------------------------------------------------------------------------
+#
+# Rebuilding a partition's indexes (sweep, age, gauges, stream time, S10's re-sends) after a restart reads every
+# record of the partition, and decoding a record whole costs about 10 us: 10 s of a warm restart per million
+# users. So every value starts with a summary of what the rebuild needs, a flat JSON array of numbers (and of
+# platform labels, which never hold "]"): ``{"i":[...],"v":1,...}``. The rebuild finds the array's end and
+# parses those few dozen bytes alone (:func:`read_summary`). The value stays one JSON object whose other keys
+# are exactly what they were, so a worker of the previous release reads it unchanged (it ignores "i"; rolling
+# upgrades and roll-backs), and a value written before the summary existed (no "i") is decoded whole and
+# summarised on the spot. The summary holds the rule inputs, not the due times, so a change of retention
+# settings between two runs needs no full decode. Change the layout by bumping _SUMMARY_LAYOUT: a value of
+# another layout is decoded whole.
+_SUMMARY: Final = "i"
+_SUMMARY_HEAD: Final = b'{"i":['
+_SUMMARY_LAYOUT: Final = 1
+# Positions in the summary (a list, read by index: no object per record on the rebuild's path).
+_S_TIME = 1  # "t": the partition's stream time when the record was written
+_S_MARKER = 2  # 1 for a deleted user's marker (decoded whole by the rebuild: there are few)
+_S_RAW_TRIGGER = 3  # the largest RAW offset among the remembered transitions' triggers, -1 if none (S10)
+_S_TICK_TRIGGER = 4  # the same on the tick topic
+_S_ONLINE = 5  # 1 if the status shown is online (gauges, age checks)
+_S_SESSIONS = 6  # number of sessions (gauges)
+_S_LAST_SEEN = 7  # (sweep, age checks)
+_S_VERIFIED_AT = 8  # R4 (age checks), null if never
+_S_RELEASE_AFTER = 9  # the S8 hold's release time, null if none (sweep)
+_S_ENDED = 10  # the earliest event time among the sessions not online, null if every one is (S6 sweep)
+_S_SYNTHETIC = 11  # 1 if R3 keeps the user online without a session online (S6 sweep)
+_S_PLATFORMS = 12  # from here: the platform label of each session online (gauges; none: no session online)
+
+
+def summarize(record: UserRecord, stream_time: int, deleted_by: str | None = None) -> list[Any]:
+    """What rebuilding the indexes needs of ``record`` (see above), in summary order."""
+    raw_trigger = tick_trigger = -1
+    for memo in record.memory:
+        position = parse_position(memo.trigger_delivery)
+        if position is None:
+            continue
+        if position[0] == RAW:
+            raw_trigger = max(raw_trigger, position[1])
+        else:
+            tick_trigger = max(tick_trigger, position[1])
+    platforms: list[str] = []
+    ended: int | None = None
+    for session in record.sessions.values():
+        if session.status == "online":
+            platforms.append(platform_label(session.os))
+        elif ended is None or session.time < ended:
+            ended = session.time
+    held = record.held
+    observed = record.observed_online_at
+    return [
+        _SUMMARY_LAYOUT,
+        stream_time,
+        0 if deleted_by is None else 1,
+        raw_trigger,
+        tick_trigger,
+        1 if record.status == "online" else 0,
+        len(record.sessions),
+        record.last_seen,
+        record.verified_at,
+        None if held is None else held.release_after,
+        ended,
+        1 if observed is not None and observed >= record.last_seen else 0,
+        *platforms,
+    ]
+
+
+def read_summary(value: bytes) -> list[Any]:
+    """The summary of a table value: read from its head, or, for a value without one (written before it existed)
+    or of another layout, by decoding the value whole."""
+    if value.startswith(_SUMMARY_HEAD):
+        summary: list[Any] = orjson.loads(value[len(_SUMMARY_HEAD) - 1 : value.index(b"]") + 1])
+        if summary[0] == _SUMMARY_LAYOUT:
+            return summary
+    stored = decode_stored(value)
+    assert stored.record is not None  # noqa: S101 - a value always holds a record
+    return summarize(stored.record, stored.stream_time, stored.deleted_by)
+
+
+def _summary_sweep_at(summary: list[Any], config: PresenceConfig) -> int | None:
+    """:func:`streams.rules.next_sweep_at` of the summarised record (a property test holds the two together)."""
+    due: int | None = None
+    release_after = summary[_S_RELEASE_AFTER]
+    if release_after is not None:
+        due = release_after + 1
+    ended = summary[_S_ENDED]
+    if ended is not None:
+        at = ended + config.ended_session_retention_ms + 1
+        if due is None or at < due:
+            due = at
+    if len(summary) == _S_PLATFORMS and release_after is None and not summary[_S_SYNTHETIC]:
+        at = summary[_S_LAST_SEEN] + config.user_retention_ms + 1
+        if due is None or at < due:
+            due = at
+    return due
+
+
+def _summary_triggered_at_or_after(summary: list[Any], kind: str, first: int) -> bool:
+    """:func:`_triggered_at_or_after` of the summarised record."""
+    return bool(summary[_S_RAW_TRIGGER if kind == RAW else _S_TICK_TRIGGER] >= first)
 
 
 def raw_position(partition: int, offset: int) -> str:
@@ -629,28 +734,31 @@ class Processor:
         resend: list[str] = []
         stored_time = self._table.get(f"{STREAM_TIME_KEY}{partition}")
         stream_time = int(stored_time) if stored_time else 0
-        # One pass over the partition's records: sweep index, gauges, the stream time they were written at, the
-        # deleted users' markers and the users to re-send to (when the first message's position is known).
+        config, age_policy = self._config, self._age
+        # One pass over the partition's records, reading each one's summary (not the whole record): sweep index,
+        # gauges, the stream time they were written at, the deleted users' markers and the users to re-send to
+        # (when the first message's position is known).
         for userid, value in self._records_of_partition(partition):
             if not is_user_key(userid):
                 continue
-            stored = decode_stored(value)
-            record = stored.record
-            if record is None:
-                continue
-            stream_time = max(stream_time, stored.stream_time)
-            if first is not None and record.memory and _triggered_at_or_after(record, *first):
+            summary = read_summary(value)
+            if summary[_S_TIME] > stream_time:
+                stream_time = summary[_S_TIME]
+            if first is not None and _summary_triggered_at_or_after(summary, *first):
                 resend.append(userid)
-            if stored.deleted_by is not None:
-                position = parse_position(stored.deleted_by)
-                markers.append((-1 if position is None else position[1], userid, stored.deleted_by))
+            if summary[_S_MARKER]:
+                deleted_by = decode_stored(value).deleted_by
+                assert deleted_by is not None  # noqa: S101 - the summary says it is a marker
+                position = parse_position(deleted_by)
+                markers.append((-1 if position is None else position[1], userid, deleted_by))
                 continue
-            counts.add(record, 1)
-            due = rules.next_sweep_at(record, self._config)
+            counts.add_summary(summary)
+            due = _summary_sweep_at(summary, config)
             if due is not None:
                 scheduled[userid] = due
-            if age is not None:
-                age.set(userid, self._age_due(record))
+            if age is not None and age_policy is not None and summary[_S_ONLINE]:
+                # As _age_due: R4 postpones the next check by the recheck interval after an agreeing observation.
+                age.set(userid, age_policy.due(summary[_S_LAST_SEEN], summary[_S_VERIFIED_AT]))
         if age is not None:
             self._age_index[partition] = age
         self._stream_time[partition] = stream_time
@@ -688,8 +796,7 @@ class Processor:
             for userid, value in self._records_of_partition(partition):
                 if not is_user_key(userid) or userid in resent:
                     continue
-                record = decode_stored(value).record
-                if record is not None and record.memory and _triggered_at_or_after(record, kind, first):
+                if _summary_triggered_at_or_after(read_summary(value), kind, first):
                     resend.append(userid)
         for userid in resend:
             if userid not in resent:
@@ -1061,6 +1168,17 @@ class _Counts:
             if session.status == "online":
                 label = platform_label(session.os)
                 self.online_by_platform[label] = self.online_by_platform.get(label, 0) + sign
+
+    def add_summary(self, summary: list[Any]) -> None:
+        """:meth:`add` of the summarised record (sign 1)."""
+        self.users += 1
+        self.online_users += summary[_S_ONLINE]
+        self.sessions += summary[_S_SESSIONS]
+        by_platform = self.online_by_platform
+        for label in summary[_S_PLATFORMS:]:
+            # Labelled again: a platform the metrics no longer know counts as "other", as a new write would.
+            label = platform_label(label)
+            by_platform[label] = by_platform.get(label, 0) + 1
 
     def merge(self, other: _Counts) -> None:
         self.users += other.users
