@@ -144,13 +144,13 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     table = UsersTable(create_users_table(app, settings), gate)
     # RAW and ticks reach the agent, and the table's changelog reaches Faust's recovery (restore and standbys),
     # as one message per fetched topic-partition batch.
-    delivery.install(app.consumer, (settings.topic_raw, settings.ticks_topic, table.changelog))
+    seeks = delivery.install(app.consumer, (settings.topic_raw, settings.ticks_topic, table.changelog))
     processor = Processor(
         table, settings.presence_config(), table.records, metrics, settings.worker_sweep_batch,
         source=settings.worker_app_id,
     )  # fmt: skip
     worker = Worker(app, settings, metrics, processor, table, gate, Progress(metrics))
-    _add_agent(worker)
+    _add_agent(worker, delivery.Sequencer(seeks))
     _add_rebalance_handlers(worker)
     _add_ticker(worker)
     _add_reconciler(worker)
@@ -161,7 +161,7 @@ def create_app(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -
     return worker
 
 
-def _add_agent(worker: Worker) -> None:
+def _add_agent(worker: Worker, sequencer: delivery.Sequencer) -> None:
     app, settings, processor, table, gate = (
         worker.app,
         worker.settings,
@@ -267,6 +267,10 @@ def _add_agent(worker: Worker) -> None:
             message = event.message
             # RAW and ticks arrive as one BatchMessage per fetched topic-partition (streams.runtime.delivery).
             batch = message if isinstance(message, BatchMessage) else None
+            if batch is not None and not await sequencer.admit(consumer, batch):
+                # It starts beyond records not processed yet (S10): they are delivered again first.
+                batch.release(consumer)
+                continue
             records = batch.records if batch is not None else [message]
             now = _now_ms()
             completed = False
@@ -278,8 +282,8 @@ def _add_agent(worker: Worker) -> None:
                 completed = True
             except Exception:
                 # A bug, not bad input (bad input goes to the DLQ): count it. Faust restarts the agent; the batch
-                # stays unacknowledged, so commits of its partition stop there until it is delivered again (after
-                # a restart or a rebalance).
+                # stays unacknowledged, so commits of its partition stop there, and the partition's next batch
+                # makes the sequencer seek back to it: it is delivered again before anything after it.
                 worker.metrics.processing_errors.inc()
                 log.exception(
                     "processing failed",
@@ -290,6 +294,7 @@ def _add_agent(worker: Worker) -> None:
                 if batch is None:
                     await stream.ack(event)
                 elif completed:
+                    sequencer.processed(batch)
                     batch.acknowledge(consumer)
                 else:
                     # Cancelled (shutdown) or failed part-way: released, none of its offsets acknowledged.

@@ -24,6 +24,14 @@ committed offset by whoever owns the partition next) and waits until every messa
 before the partitions go. A crash mid-batch leaves its offsets unacked, so the whole batch is delivered again
 (S10: the same transitions are sent again, identical).
 
+Faust's rebalance is not airtight, though (nor is its per-record path): the seek to the committed offsets runs in
+the consumer's thread while the drain delivers a batch fetched before it, which the flow's resumption then clears
+from the agent's queue. The drain keeps a read offset a seek set during the delivery (Faust would overwrite it
+with the batch's last offset and drop the records fetched again), but the fetch position may also stay past the
+cleared batch. So the agent admits every batch through a :class:`Sequencer`: a batch starting beyond the next
+offset of its partition not processed yet is released and the partition seeked back to that offset; what the
+partition's fetches returned before that seek does not move its read offset.
+
 The table's changelog is batched the same way: Faust's recovery (the restore of active partitions and the
 standby replicas) then takes one event per fetched batch instead of one per record, each with its own
 ``wait_for`` on the recovery queue, and :mod:`streams.runtime.table` writes each batch's records to RocksDB at
@@ -61,9 +69,16 @@ class BatchMessage(ConsumerMessage):
     as the position read up to.
     """
 
-    __slots__ = ("records",)
+    __slots__ = ("records", "fetched_after")
 
-    def __init__(self, tp: Any, records: list[Any], generation_id: int | None, acked: bool = True) -> None:
+    def __init__(
+        self,
+        tp: Any,
+        records: list[Any],
+        generation_id: int | None,
+        acked: bool = True,
+        fetched_after: int = 0,
+    ) -> None:
         which = records[0] if acked else records[-1]
         timestamp: Any = None if which.timestamp is None else which.timestamp / 1000.0
         super().__init__(
@@ -82,6 +97,9 @@ class BatchMessage(ConsumerMessage):
             generation_id=generation_id,
         )
         self.records = records
+        #: How many of :class:`Sequencer`'s seeks of ``tp`` had completed when the fetch that returned the
+        #: records began.
+        self.fetched_after = fetched_after
 
     @property
     def offsets(self) -> list[int]:
@@ -105,19 +123,124 @@ class BatchMessage(ConsumerMessage):
         return False
 
 
-def install(consumer: Any, batched: Iterable[str]) -> None:
-    """Make ``consumer`` (one app's Faust consumer) deliver the ``batched`` topics' records as batches."""
+class Seeks:
+    """The seeks a :class:`Sequencer` made, counted per topic-partition: a delivery of records of a partition
+    fetched before its last seek does not move the partition's read offset."""
+
+    def __init__(self) -> None:
+        self._completed: dict[Any, int] = {}
+
+    def of(self, tp: Any) -> int:
+        """How many seeks of ``tp`` have completed."""
+        return self._completed.get(tp, 0)
+
+    def done(self, tp: Any) -> int:
+        """Count a completed seek of ``tp``; return the new count."""
+        count = self._completed[tp] = self.of(tp) + 1
+        return count
+
+    def snapshot(self) -> dict[Any, int]:
+        """The counts now (a fetch's records of a partition predate any seek of it counted later)."""
+        return dict(self._completed)
+
+
+class Sequencer:
+    """Keeps what the agent processes of each batched partition contiguous: no batch starting beyond the next offset
+    the agent has not processed yet (S10).
+
+    The processor applies a partition's records in offset order and takes a record at or below a user's applied
+    offset for a redelivery. A record skipped while a later one of the same partition is applied is therefore lost
+    for good, even after a restart delivers it again. Faust's delivery can skip records: a batch fetched before the
+    seek to the committed offsets that ends a rebalance may be queued, then dropped when the flow resumes (the
+    agents' queues are cleared), while the delivery's read offset is set past it after the seek (the seek and the
+    fetch run in the consumer's thread, the delivery in the app's loop) or the fetch position stays past it; and
+    a batch whose processing failed is not delivered again while the later ones are.
+
+    So a batch starting beyond the next offset expected (after the last batch processed in this generation, else
+    the committed offset) is not processed: the partition is seeked back to that offset, batches fetched before the
+    seek are released too, and the records are delivered again. A batch fetched after that seek and still starting
+    beyond it is processed: those offsets are not in the log (removed by retention, or transaction markers).
+    """
+
+    def __init__(self, seeks: Seeks) -> None:
+        self._seeks = seeks
+        # TP -> (generation, next offset to process) after the last batch processed.
+        self._next: dict[Any, tuple[int | None, int]] = {}
+        # TP -> (generation, offset seeked to, seek count once done; None while it runs).
+        self._seeking: dict[Any, tuple[int | None, int, int | None]] = {}
+
+    def expected(self, consumer: Any, batch: BatchMessage) -> int | None:
+        """The next offset of ``batch``'s partition to process (None: any, nothing known yet)."""
+        known = self._next.get(batch.tp)
+        if known is not None and known[0] == batch.generation_id:
+            return known[1]
+        return internals.committed_offset(consumer, batch.tp)
+
+    async def admit(self, consumer: Any, batch: BatchMessage) -> bool:
+        """Whether to process ``batch`` now; if not, the caller releases it (its records come again)."""
+        tp = batch.tp
+        first = batch.records[0].offset
+        expected = self.expected(consumer, batch)
+        if expected is None or first <= expected:
+            return True
+        seeking = self._seeking.get(tp)
+        if seeking is not None and seeking[:2] == (batch.generation_id, expected):
+            done = seeking[2]
+            if done is not None and batch.fetched_after >= done:
+                log.warning(
+                    "offsets missing from the log after a seek back: processing from the first one present",
+                    extra={
+                        "topic": tp.topic,
+                        "partition": tp.partition,
+                        "expected": expected,
+                        "first": first,
+                    },
+                )
+                return True
+            return False  # fetched before the seek back: the records come again
+        self._seeking[tp] = (batch.generation_id, expected, None)
+        log.warning(
+            "records skipped by the delivery: seeking back to the next offset to process",
+            extra={"topic": tp.topic, "partition": tp.partition, "expected": expected, "first": first},
+        )
+        try:
+            await internals.seek_and_wait(consumer, tp, expected)
+        except Exception:
+            # Revoked meanwhile, or the consumer is stopping: the partition's next owner starts at the commit.
+            log.warning(
+                "seeking back failed", exc_info=True, extra={"topic": tp.topic, "partition": tp.partition}
+            )
+            self._seeking.pop(tp, None)
+            return False
+        # In one step with counting the seek: a delivery of an earlier fetch that moved the read offset past
+        # ``expected`` meanwhile would make the drain drop the records fetched again.
+        internals.read_offsets(consumer)[tp] = expected
+        self._seeking[tp] = (batch.generation_id, expected, self._seeks.done(tp))
+        return False
+
+    def processed(self, batch: BatchMessage) -> None:
+        """``batch`` was processed whole: its partition continues after its last record."""
+        self._next[batch.tp] = (batch.generation_id, batch.records[-1].offset + 1)
+        self._seeking.pop(batch.tp, None)
+
+
+def install(consumer: Any, batched: Iterable[str]) -> Seeks:
+    """Make ``consumer`` (one app's Faust consumer) deliver the ``batched`` topics' records as batches; return the
+    seek count a :class:`Sequencer` of the same consumer must share."""
     topics = frozenset(batched)
+    seeks = Seeks()
 
     async def drain_messages(fetcher: Any) -> None:
-        await drain(consumer, fetcher, topics)
+        await drain(consumer, fetcher, topics, seeks)
 
     internals.replace_drain_messages(consumer, drain_messages)
+    return seeks
 
 
-async def drain(consumer: Any, fetcher: Any, batched: frozenset[str]) -> None:
+async def drain(consumer: Any, fetcher: Any, batched: frozenset[str], seeks: Seeks | None = None) -> None:
     """Faust's ``_drain_messages`` (faust-streaming 0.15.3), with batches for the ``batched`` topics."""
     app = consumer.app
+    seeks = Seeks() if seeks is None else seeks
     set_flag = consumer.diag.set_flag
     unset_flag = consumer.diag.unset_flag
     try:
@@ -127,6 +250,7 @@ async def drain(consumer: Any, fetcher: Any, batched: frozenset[str]) -> None:
             await consumer.sleep(0)
             if consumer.should_stop:
                 continue
+            fetched_after = seeks.snapshot()
             records, active = await internals.next_records(consumer, 1.0)
             if records is None or consumer.should_stop:
                 continue
@@ -138,7 +262,7 @@ async def drain(consumer: Any, fetcher: Any, batched: frozenset[str]) -> None:
                 except Exception as exc:
                     log.warning("seek after a fetch while the flow was stopped failed: %r", exc)
                 continue
-            await _deliver(consumer, app, records, active, batched)
+            await _deliver(consumer, app, records, active, batched, seeks, fetched_after)
             unset_flag(CONSUMER_FETCHING)
     except consumer.consumer_stopped_errors:
         if app.should_stop:
@@ -157,7 +281,15 @@ async def drain(consumer: Any, fetcher: Any, batched: frozenset[str]) -> None:
         unset_flag(CONSUMER_FETCHING)
 
 
-async def _deliver(consumer: Any, app: Any, records: Any, active: Any, batched: frozenset[str]) -> None:
+async def _deliver(
+    consumer: Any,
+    app: Any,
+    records: Any,
+    active: Any,
+    batched: frozenset[str],
+    seeks: Seeks,
+    fetched_after: dict[Any, int],
+) -> None:
     generation_id = app.consumer_generation_id
     buffered = internals.buffered_partitions(consumer)
     for tp, tp_records in records.items():
@@ -167,15 +299,25 @@ async def _deliver(consumer: Any, app: Any, records: Any, active: Any, batched: 
             continue
         app.monitor.track_tp_end_offset(tp, consumer.highwater(tp))
         if tp.topic in batched:
-            await _deliver_batch(consumer, app, tp, tp_records, generation_id)
+            await _deliver_batch(
+                consumer, app, tp, tp_records, generation_id, seeks, fetched_after.get(tp, 0)
+            )
         else:
             await _deliver_each(consumer, app, tp, tp_records, generation_id)
 
 
-async def _deliver_batch(consumer: Any, app: Any, tp: Any, tp_records: list[Any], generation_id: int) -> None:
+async def _deliver_batch(
+    consumer: Any,
+    app: Any,
+    tp: Any,
+    tp_records: list[Any],
+    generation_id: int,
+    seeks: Seeks,
+    fetched_after: int,
+) -> None:
     read_offsets = internals.read_offsets(consumer)
     acks_enabled = app.topics.acks_enabled_for(tp.topic)
-    read = read_offsets[tp]
+    read = started = read_offsets[tp]
     kept: list[Any] = []
     for record in tp_records:
         offset = record.offset
@@ -190,9 +332,18 @@ async def _deliver_batch(consumer: Any, app: Any, tp: Any, tp_records: list[Any]
     if not kept:
         return
     await _maybe_commit(consumer)
-    batch = BatchMessage(tp, kept, generation_id, acked=acks_enabled)
+    batch = BatchMessage(tp, kept, generation_id, acked=acks_enabled, fetched_after=fetched_after)
     await consumer.wait_first(consumer.callback(batch), consumer.suspend_flow.wait())
-    read_offsets[tp] = kept[-1].offset
+    # The read offset moves past the batch only if nothing seeked the partition since the fetch began: a seek
+    # (Faust's to the committed offsets, or a Sequencer's) fetches records again from where it seeked to, and a
+    # read offset past them would drop them. The batch itself is delivered either way (dropping fetched records
+    # would leave the fetch position past them); the agent's Sequencer decides whether it is processed.
+    if (
+        seeks.of(tp) == fetched_after
+        and app.consumer_generation_id == generation_id
+        and read_offsets.get(tp) == started
+    ):
+        read_offsets[tp] = kept[-1].offset
 
 
 async def _deliver_each(consumer: Any, app: Any, tp: Any, tp_records: list[Any], generation_id: int) -> None:

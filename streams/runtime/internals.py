@@ -32,6 +32,8 @@ TOUCHED = (
     "/ _n_acked / _add_gap / _to_message (what _drain_messages and getmany use per record)",
     "faust.transport.consumer.Consumer.ack's bookkeeping: _committed_offset / _acked_index / _acked / _n_acked "
     "/ _unacked_messages / _waiting_for_ack under faust.types.tuples.ack_lock (acking a batch's offsets)",
+    "faust.transport.drivers.aiokafka.AIOKafkaConsumerThread._seek_wait (Consumer.seek_wait: seeks in the consumer "
+    "thread and sets _read_offset, the read offset the batch delivery filters with)",
 )
 
 
@@ -107,6 +109,12 @@ def commit_every(consumer: Any) -> int | None:
     """``broker_commit_every`` as the consumer holds it."""
     value: int | None = consumer._commit_every
     return value
+
+
+async def seek_and_wait(consumer: Any, tp: Any, offset: int) -> None:
+    """Seek ``tp`` to ``offset`` in the consumer's thread (``Consumer.seek_wait``), which also sets the read
+    offset there, and wait until the position is known."""
+    await consumer.seek_wait({tp: offset})
 
 
 def take_acked_count(consumer: Any, limit: int) -> bool:
