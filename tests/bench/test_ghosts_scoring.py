@@ -3,6 +3,7 @@ shows, wrong intervals and their kind, wrong corrections, and the trace's time c
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from bench.ghosts import (
     score,
     sessions_from_trace,
     shown_changes,
+    targets_by_cause,
     wrong_intervals,
 )
 from presence.emulator import GroundTruth
@@ -235,6 +237,29 @@ def test_each_wrong_interval_is_attributed_to_what_became_of_the_event_it_needed
     assert by["pipeline"]["ghosts"] == 0 and by["correction"]["intervals"] == 0
     # Every wrong interval has one cause: the causes add up to the whole.
     assert sum(c["share"] for c in by.values()) == pytest.approx(result["wrong_share"])
+    # Until the gateway was healthy again (130 s here) nothing could tell the worker of the outage: that part of
+    # the outage's wrong time (outage 120-130 s, held 110-130 s), and the pipeline's, are out of reach.
+    blind = score(truth, 0, shown, window, margin_ms=30_000, speedup=1.0,
+                  causes=dataclasses.replace(causes, blind=(100_000, 130_000)))  # fmt: skip
+    assert blind["by_cause"]["outage"]["blind_user_seconds"] == pytest.approx(10 + 20)
+    assert blind["by_cause"]["lost"]["blind_user_seconds"] == pytest.approx(30)  # counted, not out of reach
+    assert blind["out_of_reach"]["user_seconds"] == pytest.approx(30 + 10)
+    assert result["out_of_reach"]["user_seconds"] == pytest.approx(10)  # no outage window: the pipeline alone
+
+
+def test_the_reachable_wrong_time_and_the_best_possible_ratio() -> None:
+    """On vs off within reach leaves out what no reconciliation could remove; the floor is off's share of it."""
+
+    def scored(wrong: float, unreachable: float) -> dict[str, Any]:
+        return {"score": {"wrong_user_seconds": wrong, "out_of_reach": {"user_seconds": unreachable},
+                          "by_cause": {c: {"user_seconds": 0.0, "ghost_online_user_seconds": 0.0}
+                                       for c in CAUSES}}}  # fmt: skip
+
+    result = targets_by_cause(scored(1000, 400), scored(430, 400))
+    assert result["within_reach_wrong_time_on_vs_off"]["value"] == pytest.approx(30 / 600)
+    assert result["within_reach_wrong_time_on_vs_off"]["met"] is True
+    assert result["best_possible_wrong_time_on_vs_off"]["value"] == pytest.approx(0.4)
+    assert result["best_possible_wrong_time_on_vs_off"]["met"] is None
 
 
 def _changes(truth: GroundTruth, userid: str) -> list[tuple[int, bool]]:
