@@ -474,12 +474,16 @@ def shared_gap_cap(gap_cap: int, share: float) -> int:
 
 
 def queue_from_settings(settings: WorkerSettings, *, share: float = 1.0) -> CheckQueue:
-    """The check queue; an intake gap's cap is shared among the workers like the budget."""
+    """The check queue; an intake gap's cap is shared among the workers like the budget. An age check waiting half
+    the recheck interval goes before intake-gap checks: checked within ``max_silence`` and one interval even
+    behind a gap's backlog."""
+    recheck_interval_ms = int(settings.reconcile_recheck_interval_seconds * 1000)
     return CheckQueue(
-        recheck_interval_ms=int(settings.reconcile_recheck_interval_seconds * 1000),
+        recheck_interval_ms=recheck_interval_ms,
         capacity=settings.reconcile_queue_capacity,
         gap_cap=shared_gap_cap(settings.reconcile_gap_cap, share),
         max_attempts=settings.reconcile_attempts,
+        age_patience_ms=recheck_interval_ms // 2,
     )
 
 

@@ -10,7 +10,10 @@ The worker doubts a user's status for four reasons, most urgent first (``core.co
 :class:`CheckQueue` holds at most one pending check per user (a more urgent reason raises it), skips users
 whose last check is recent enough for the reason at hand, caps what one intake gap may queue, bounds its size
 by evicting the least urgent entry, and retries a failed check a few times. The checker pops from it at the pace
-of its budget. Times are epoch milliseconds, passed in by the caller.
+of its budget, most urgent first with one exception: an ``age`` check that has waited ``age_patience_ms`` goes
+before ``intake_gap`` checks (never before ``suspect`` or ``on_demand``), so a gap's backlog, drained for minutes,
+cannot hold a ghost past ``max_silence`` and one recheck interval. Times are epoch milliseconds, passed in by the
+caller.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from typing import Final, Protocol
 from core.contract import OBSERVATION_SOURCES, GapMarker, ObservationSource
 
 URGENCY: Final[dict[ObservationSource, int]] = {source: n for n, source in enumerate(OBSERVATION_SOURCES)}
+# An overdue age check may go before checks of this urgency or less urgent ones, never before more urgent ones.
+_AGE_MAY_PASS: Final = URGENCY["intake_gap"]
+_AGE: Final = URGENCY["age"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +98,20 @@ class AgePolicy:
 
 
 class CheckQueue:
-    """Pending checks, most urgent first; one per user.
+    """Pending checks, most urgent first (then by rank, then by arrival); one per user.
 
     ``recheck_interval_ms``: an ``age`` check is skipped if the user was checked within it (so a user who stays
     online and silent is checked once per interval). Other reasons ask for a check sent after the moment given
     as ``fresh_after`` (default: now): a suspect after the late event arrived, a gap after the gap ended, an
     on-demand check always.
+
+    ``age_patience_ms`` (default: half the recheck interval): an ``age`` check queued at least that long ago is
+    overdue and goes before every ``intake_gap`` check and every ``age`` check not overdue, the one queued
+    earliest first; ``suspect`` and ``on_demand`` checks still go before it. An intake gap can queue thousands
+    of checks, drained at the budget's pace for minutes; without this, every age check would wait behind them
+    and a ghost would outlive the promised bound (checked within ``max_silence`` and one recheck interval). A
+    retried check keeps the moment it was first queued. A full queue still evicts the least urgent entry, which
+    may be an overdue age check.
     """
 
     def __init__(
@@ -108,10 +122,16 @@ class CheckQueue:
         gap_cap: int = 10_000,
         max_attempts: int = 3,
         gaps_remembered: int = 1024,
+        age_patience_ms: int | None = None,
     ) -> None:
-        if capacity < 1 or gap_cap < 0 or max_attempts < 1:
-            raise ValueError("capacity and max_attempts must be at least 1, gap_cap not negative")
+        if age_patience_ms is None:
+            age_patience_ms = recheck_interval_ms // 2
+        if capacity < 1 or gap_cap < 0 or max_attempts < 1 or age_patience_ms < 0:
+            raise ValueError(
+                "capacity and max_attempts must be at least 1, gap_cap and age_patience_ms not negative"
+            )
         self.recheck_interval_ms = recheck_interval_ms
+        self.age_patience_ms = age_patience_ms
         self.capacity = capacity
         self.gap_cap = gap_cap
         self.max_attempts = max_attempts
@@ -122,6 +142,8 @@ class CheckQueue:
         self._checks: dict[str, Check] = {}
         self._best: list[tuple[int, int, int, str]] = []  # min-heap: next to pop
         self._worst: list[tuple[int, int, int, str]] = []  # min-heap of negated keys: next to evict
+        # min-heap of (queued_at, seq) of age entries: the one waiting longest
+        self._aged: list[tuple[int, int, str]] = []
         self._in_flight: dict[str, int] = {}  # userid -> when it was popped
         self._deferred: dict[str, Check] = {}  # queued again while in flight: back in once that one ends
         # userid -> when its last answered check was sent, oldest first (pruned past the recheck interval).
@@ -184,11 +206,23 @@ class CheckQueue:
         self._checks[check.userid] = check
         heapq.heappush(self._best, (urgency, rank, seq, check.userid))
         heapq.heappush(self._worst, (-urgency, -rank, -seq, check.userid))
-        # Stale entries pile up in the eviction heap (popped checks leave theirs): rebuild it past twice the
-        # live count, so both heaps stay O(live) in size.
-        if len(self._worst) > 2 * len(self._live) + 64:
+        if urgency == _AGE:
+            heapq.heappush(self._aged, (check.queued_at, seq, check.userid))
+        # Stale entries pile up in every heap (a check popped from one heap, raised or evicted leaves its entries
+        # in the others, where only those reaching the top are discarded): rebuild a heap past twice the live
+        # count, so each stays O(live) in size.
+        limit = 2 * len(self._live) + 64
+        if len(self._best) > limit:
+            self._best = [(u, r, s, user) for user, (u, r, s) in self._live.items()]
+            heapq.heapify(self._best)
+        if len(self._worst) > limit:
             self._worst = [(-u, -r, -s, user) for user, (u, r, s) in self._live.items()]
             heapq.heapify(self._worst)
+        if len(self._aged) > limit:
+            self._aged = [
+                (self._checks[user].queued_at, s, user) for user, (u, _, s) in self._live.items() if u == _AGE
+            ]
+            heapq.heapify(self._aged)
 
     def _evict_below(self, check: Check) -> bool:
         """Make room by dropping the least urgent live entry if it is less urgent than ``check``."""
@@ -209,11 +243,20 @@ class CheckQueue:
     # --- serving -------------------------------------------------------------------------------------------
 
     def pop(self, now_ms: int) -> Check | None:
-        """The most urgent pending check, now in flight until :meth:`done` or :meth:`failed`."""
-        while self._best:
-            urgency, rank, seq, userid = heapq.heappop(self._best)
-            if self._live.get(userid) != (urgency, rank, seq):
-                continue
+        """The most urgent pending check (or the longest waiting overdue age check if nothing more urgent than an
+        intake gap is pending), now in flight until :meth:`done` or :meth:`failed`."""
+        while True:
+            best = self._top_best()
+            if best is None:
+                return None
+            userid = best[3]
+            aged = self._top_aged() if best[0] >= _AGE_MAY_PASS else None
+            if aged is not None and now_ms - aged[0] >= self.age_patience_ms:
+                heapq.heappop(self._aged)
+                userid = aged[2]
+            else:
+                heapq.heappop(self._best)
+            # The entry left in the other heap is stale from here on (its user is no longer live with that seq).
             del self._live[userid]
             check = self._checks.pop(userid)
             if userid in self._in_flight:
@@ -222,6 +265,25 @@ class CheckQueue:
                 continue
             self._in_flight[userid] = now_ms
             return check
+
+    def _top_best(self) -> tuple[int, int, int, str] | None:
+        """The most urgent live entry, stale ones above it discarded."""
+        while self._best:
+            urgency, rank, seq, userid = self._best[0]
+            if self._live.get(userid) == (urgency, rank, seq):
+                return self._best[0]
+            heapq.heappop(self._best)
+        return None
+
+    def _top_aged(self) -> tuple[int, int, str] | None:
+        """The live age entry queued earliest, stale ones above it discarded (a raised entry is stale here: its
+        seq is new and its urgency no longer that of age)."""
+        while self._aged:
+            _, seq, userid = self._aged[0]
+            live = self._live.get(userid)
+            if live is not None and live[0] == _AGE and live[2] == seq:
+                return self._aged[0]
+            heapq.heappop(self._aged)
         return None
 
     def done(self, check: Check, sent_at_ms: int) -> None:
