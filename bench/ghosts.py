@@ -80,7 +80,7 @@ from bench.worker import PARTITIONS, _settings, faust_worker
 from core.contract import STATUS_BY_CODE, WEBHOOK_PATH
 from core.topics import ensure_topics
 from presence.children import wait_until
-from presence.emulator import ApiEmulator, CallbackPolicy, CallbackSender, GroundTruth, Poster
+from presence.emulator import ApiEmulator, CallbackPolicy, CallbackSender, GroundTruth
 from presence.localkafka import free_port
 from presence.simulate import Target
 from presence.trace import Delivery, Trace, TraceSpec, generate
@@ -655,37 +655,22 @@ async def _read_transitions(bootstrap: str, topic: str) -> list[dict[str, Any]]:
         await consumer.stop()
 
 
-class RecordingSender(CallbackSender):
-    """A :class:`CallbackSender` that also records what became of each delivery (``outcomes``, by index in the
-    trace: when the gateway answered it, when an attempt first failed, or that it was lost or dropped), for the
-    attribution of wrong time; its stats keep only counts and the missing events."""
+class DeliveryRecorder:
+    """What became of each delivery of a trace (``outcomes``, by index in the trace: when the gateway answered it,
+    when an attempt first failed, or that it was lost or dropped), for the attribution of wrong time; a
+    :class:`~presence.emulator.DeliveryObserver` of the run's sender."""
 
-    def __init__(self, trace: Trace, target: Target, *, policy: CallbackPolicy) -> None:
-        super().__init__(trace, target, policy=policy)
+    def __init__(self) -> None:
         self.outcomes: dict[int, Outcome] = {}
-        self._index = {id(d): i for i, d in enumerate(trace.deliveries)}
         self._failed_at: dict[int, int] = {}
 
-    async def _deliver(
-        self, post: Poster, delivery: Delivery, url: str, body: bytes, slots: asyncio.Semaphore
-    ) -> None:
-        index = self._index[id(delivery)]
+    def attempted(self, index: int, started: float, finished: float, ok: bool) -> None:
+        if ok:
+            self.outcomes[index] = Outcome("delivered", int(finished * 1000), self._failed_at.get(index))
+        else:
+            self._failed_at.setdefault(index, int(started * 1000))
 
-        async def timed(url: str, body: bytes, timeout: float) -> bool:
-            started = int(self.clock.now() * 1000)
-            ok = await post(url, body, timeout)
-            if ok:
-                answered = int(self.clock.now() * 1000)
-                self.outcomes[index] = Outcome("delivered", answered, self._failed_at.get(index))
-            else:
-                self._failed_at.setdefault(index, started)
-            return ok
-
-        await super()._deliver(timed, delivery, url, body, slots)
-
-    def _give_up(self, delivery: Delivery, how: str) -> None:
-        super()._give_up(delivery, how)
-        index = self._index[id(delivery)]
+    def gave_up(self, index: int, how: str) -> None:
         self.outcomes[index] = Outcome(how, None, self._failed_at.get(index))
 
 
@@ -813,11 +798,11 @@ class Mode:
             if record.get("kind") is None and isinstance(record.get("received_at"), int):
                 key = (record["sessionId"], record["status"] == 0)
                 accepted[key] = min(record["received_at"], accepted.get(key, record["received_at"]))
-        sessions = sessions_from_trace(self.trace, base_ms, self.sender.outcomes, accepted)
+        sessions = sessions_from_trace(self.trace, base_ms, self.recorder.outcomes, accepted)
         blind = None if kill is None or healthy is None else (int(kill), int(healthy))
         causes = Causes(sessions, held, late_ms=int(size.wall(LATE_AFTER_S) * 1000), pipeline_ms=pipeline_ms,
                         blind=blind)  # fmt: skip
-        outcomes = self.sender.outcomes.values()
+        outcomes = self.recorder.outcomes.values()
         gave_up = Counter(o.how for o in outcomes)
         result["attribution"] = {
             "late_after_s": LATE_AFTER_S,
@@ -852,7 +837,8 @@ class Mode:
         policy = CallbackPolicy(attempt_timeout=5.0, failure_window=size.wall(10.0), pause=size.wall(60.0),
                                 loss_rate=size.loss_rate, seed=size.seed)  # fmt: skip
         target = Target(f"http://127.0.0.1:{port}{WEBHOOK_PATH}", APP_KEY, APP_SECRET)
-        sender = self.sender = RecordingSender(self.trace, target, policy=policy)
+        self.recorder = DeliveryRecorder()
+        sender = CallbackSender(self.trace, target, policy=policy, observer=self.recorder)
         base_ms = int(start * 1000)
         api.base_ms = base_ms
         load_at_start = [round(x, 2) for x in os.getloadavg()]

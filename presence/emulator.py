@@ -237,8 +237,19 @@ class CallbackStats:
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
+class DeliveryObserver(Protocol):
+    """Told what becomes of each delivery (by its index in the trace), for a benchmark's attribution."""
+
+    def attempted(self, index: int, started: float, finished: float, ok: bool) -> None:
+        """One attempt, from ``started`` to ``finished`` (clock seconds): answered 200 (``ok``) or not."""
+
+    def gave_up(self, index: int, how: str) -> None:
+        """The delivery was ``"lost"`` (never attempted) or ``"dropped"`` (every attempt failed)."""
+
+
 class CallbackSender:
-    """Delivers a trace's callbacks to ``target`` the way RongCloud does (see the module's description)."""
+    """Delivers a trace's callbacks to ``target`` the way RongCloud does (see the module's description);
+    ``observer`` is told of every attempt and every delivery given up."""
 
     def __init__(
         self,
@@ -248,9 +259,11 @@ class CallbackSender:
         policy: CallbackPolicy | None = None,
         clock: Clock | None = None,
         post: Poster | None = None,
+        observer: DeliveryObserver | None = None,
     ) -> None:
         self.trace = trace
         self.target = target
+        self.observer = observer
         self.policy = policy or CallbackPolicy()
         self.clock: Clock = clock or RealClock()
         self._post = post
@@ -295,7 +308,7 @@ class CallbackSender:
                 await self.clock.sleep(wait)
             self.stats.deliveries += 1
             if self._rng.random() < self.policy.loss_rate:
-                self._give_up(delivery, "lost")
+                self._give_up(index, delivery, "lost")
                 continue
             if delivery.retry_of is not None and delivery.retry_of in sent_as:
                 url, body = sent_as[delivery.retry_of]  # upstream's re-send: the same request
@@ -303,7 +316,7 @@ class CallbackSender:
                 url, body = signed_request(self.target, delivery, self.base_ms, int(self.clock.now() * 1000))
                 sent_as[index] = (url, body)
             await slots.acquire()
-            task = asyncio.create_task(self._deliver(post, delivery, url, body, slots))
+            task = asyncio.create_task(self._deliver(post, index, delivery, url, body, slots))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -312,24 +325,30 @@ class CallbackSender:
         return self.stats
 
     async def _deliver(
-        self, post: Poster, delivery: Delivery, url: str, body: bytes, slots: asyncio.Semaphore
+        self, post: Poster, index: int, delivery: Delivery, url: str, body: bytes, slots: asyncio.Semaphore
     ) -> None:
         try:
             for _ in range(self.policy.attempts):
                 while (wait := self.pause_rule.wait(self.clock.now())) > 0:
                     await self.clock.sleep(wait)
                 self.stats.attempts += 1
-                if await post(url, body, self.policy.attempt_timeout):
+                started = self.clock.now()
+                ok = await post(url, body, self.policy.attempt_timeout)
+                if self.observer is not None:
+                    self.observer.attempted(index, started, self.clock.now(), ok)
+                if ok:
                     self.stats.delivered += 1
                     self.stats.outcomes["delivered"] += 1
                     return
                 self.stats.failed_attempts += 1
                 self.pause_rule.failure(self.clock.now())
-            self._give_up(delivery, "dropped")
+            self._give_up(index, delivery, "dropped")
         finally:
             slots.release()
 
-    def _give_up(self, delivery: Delivery, how: str) -> None:
+    def _give_up(self, index: int, delivery: Delivery, how: str) -> None:
+        if self.observer is not None:
+            self.observer.gave_up(index, how)
         if how == "lost":
             self.stats.lost += 1
         else:

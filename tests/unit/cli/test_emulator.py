@@ -149,6 +149,41 @@ async def test_a_retry_that_succeeds_delivers() -> None:
     assert (stats.attempts, stats.delivered, stats.dropped) == (2, 1, 0)
 
 
+class Observed:
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+
+    def attempted(self, index: int, started: float, finished: float, ok: bool) -> None:
+        self.events.append(("attempt", index, started, finished, ok))
+
+    def gave_up(self, index: int, how: str) -> None:
+        self.events.append(("gave_up", index, how))
+
+
+async def test_an_observer_is_told_of_every_attempt_and_every_delivery_given_up() -> None:
+    clock = ManualClock()
+    upstream = Upstream(clock, answers=[False, True, False, False, False])
+    observed = Observed()
+    deliveries = [
+        Delivery(0, "n0", (event("u", "a", "0", 0),)),
+        Delivery(60_000, "n1", (event("u", "a", "1", 1),)),
+    ]
+    start = clock.now()
+    await CallbackSender(
+        trace_of(*deliveries), TARGET, clock=clock, post=upstream.post, observer=observed
+    ).run()
+    assert [e[:2] + e[-1:] for e in observed.events] == [
+        ("attempt", 0, False), ("attempt", 0, True),  # the retry got through
+        ("attempt", 1, False), ("attempt", 1, False), ("attempt", 1, False), ("gave_up", 1, "dropped"),
+    ]  # fmt: skip
+    # Each attempt's span on the clock: a failed one took upstream's 5 s timeout.
+    assert observed.events[0][2:4] == (start, start + 5)
+    lost = Observed()
+    await CallbackSender(trace_of(deliveries[0]), TARGET, policy=CallbackPolicy(loss_rate=1.0), clock=clock,
+                         post=upstream.post, observer=lost).run()  # fmt: skip
+    assert lost.events == [("gave_up", 0, "lost")]
+
+
 async def test_many_timeouts_pause_all_callbacks_for_a_minute() -> None:
     clock = ManualClock()
     upstream = Upstream(clock, default=False)
