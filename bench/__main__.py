@@ -20,17 +20,22 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that it runs")
     parser.add_argument("--full", action="store_true", help=f"the issue's full size ({', '.join(FULL_SIZE)})")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
+    parser.add_argument("--budget-factor", type=float, default=1.0,
+                        help="ghosts: the checkOnline budget (and RongCloud's limit) times this")  # fmt: skip
     args = parser.parse_args()
     if args.full and (args.smoke or args.name not in FULL_SIZE):
         parser.error(f"--full applies to {', '.join(FULL_SIZE)} alone, without --smoke")
+    if args.budget_factor != 1.0 and args.name != "ghosts" or args.budget_factor <= 0:
+        parser.error("--budget-factor applies to ghosts alone, and must be above 0")
+    extra = {"budget_factor": args.budget_factor} if args.name == "ghosts" else {}
     # SIGTERM unwinds like Ctrl-C, so the broker and every process a benchmark started are stopped.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     for name in BENCHMARKS if args.name == "all" else (args.name,):
         module = importlib.import_module(f"bench.{name}")
         if args.full:
-            module.run(smoke=False, out_dir=args.out, full=True)
+            module.run(smoke=False, out_dir=args.out, full=True, **extra)
         else:
-            module.run(smoke=args.smoke, out_dir=args.out)
+            module.run(smoke=args.smoke, out_dir=args.out, **extra)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Coroutine, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,16 +117,18 @@ class Size:
     events_per_user_per_second: float = 0.01
     loss_rate: float = 0.01
     seed: int = 14
+    # The budget (and RongCloud's limit with it) times this: how wrong time answers to the budget.
+    budget_factor: float = 1.0
 
     @property
     def budget(self) -> float:
         """The deployment's checkOnline budget, calls per trace second."""
-        return BUDGET_PER_50K * self.users / 50_000
+        return BUDGET_PER_50K * self.users / 50_000 * self.budget_factor
 
     @property
     def rate_limit(self) -> float:
         """RongCloud's rate limit for the app, calls per trace second."""
-        return RATE_LIMIT_PER_50K * self.users / 50_000
+        return RATE_LIMIT_PER_50K * self.users / 50_000 * self.budget_factor
 
     def wall(self, seconds: float) -> float:
         return seconds / self.speedup
@@ -1056,8 +1058,12 @@ async def _run_modes(ws: Workspace, size: Size, trace: Trace, truth: GroundTruth
 
 
 def run(smoke: bool = False, out_dir: Path | None = None, full: bool = False,
-        modes: Sequence[str] = MODES) -> dict[str, Any]:  # fmt: skip
+        modes: Sequence[str] = MODES, budget_factor: float = 1.0) -> dict[str, Any]:  # fmt: skip
+    """Run the benchmark; ``budget_factor`` multiplies the budget and RongCloud's limit (results then go to
+    ``ghosts[.full].budget<factor>x.json``)."""
     size = SIZES["smoke" if smoke else "full" if full else "default"]
+    if budget_factor != 1.0:
+        size = replace(size, budget_factor=budget_factor)
     say(
         f"ghosts ({size.name}): {size.users:,} users, {size.trace_seconds / 60:.0f} trace minutes at "
         f"{size.speedup:g}x, {size.loss_rate:.0%} of callbacks lost, a {size.outage_seconds:.0f} s gateway outage"
@@ -1080,7 +1086,10 @@ def run(smoke: bool = False, out_dir: Path | None = None, full: bool = False,
         "targets": targets(results.get("off", {}), results.get("on", {}), size),
         "targets_by_cause": targets_by_cause(results.get("off", {}), results.get("on", {})),
     }  # fmt: skip
-    path = write_results("ghosts", smoke, payload, out_dir, variant="full" if full else None)
+    variants = ["full"] if full else []
+    if budget_factor != 1.0:
+        variants.append(f"budget{budget_factor:g}x")
+    path = write_results("ghosts", smoke, payload, out_dir, variant=".".join(variants) or None)
     print(render(payload))
     say(f"results in {path}")
     return payload

@@ -132,6 +132,9 @@ def test_sizes_scale_the_budget_with_the_population_and_time_with_the_speedup() 
     assert default.budget * default.speedup == full.budget * full.speedup
     assert default.users * default.speedup == full.users
     assert default.wall(default.max_silence) == full.max_silence / 5
+    # --budget-factor: the budget and RongCloud's limit together.
+    doubled = dataclasses.replace(full, budget_factor=2.0)
+    assert (doubled.budget, doubled.rate_limit) == (100, 200)
 
 
 def test_processing_delay_runs_from_the_gateways_receipt_to_the_transition() -> None:
