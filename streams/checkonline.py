@@ -176,7 +176,9 @@ class Budget:
 
     The bucket holds ``burst_seconds`` worth of calls (at least one) and refills at what the budget leaves after
     it, so any one-second window sees at most ``rate`` calls (rates of 2 calls/s and more; below that a call or
-    so more) and the sustained rate is ``rate − burst + 1``. When RongCloud answers with its rate limit, every call waits: the
+    so more) and the sustained rate is ``rate − burst + 1``. Of that, ``headroom`` (a share) is left unused:
+    RongCloud counts requests as they arrive, and a request leaves a little after its token (the event loop,
+    the connection pool), so requests bunch up; measured, the busiest second held up to 1.1 × the tokens' rate. When RongCloud answers with its rate limit, every call waits: the
     pause doubles from ``throttle_initial`` up to ``throttle_max`` while the limit keeps answering (or follows
     ``Retry-After``), and resets after a call goes through.
     """
@@ -187,6 +189,7 @@ class Budget:
         share: float = 1.0,
         *,
         burst_seconds: float = 0.1,
+        headroom: float = 0.1,
         throttle_initial: float = 1.0,
         throttle_max: float = 30.0,
         metrics: ReconcileMetrics | None = None,
@@ -195,8 +198,11 @@ class Budget:
     ) -> None:
         if per_second <= 0:
             raise ValueError("the budget must be above 0 calls per second")
+        if not 0 <= headroom < 1:
+            raise ValueError("the headroom is a share of the budget, from 0 up to (not including) 1")
         self.per_second = per_second
         self._burst_seconds = burst_seconds
+        self._headroom = headroom
         self._throttle_initial = throttle_initial
         self._throttle_max = throttle_max
         self._metrics = metrics
@@ -225,8 +231,9 @@ class Budget:
             # aiolimiter takes whole calls: at least one in the bucket. A window of one second sees the bucket's
             # calls but one plus a second's refill, so the refill leaves room for the burst: the budget is a
             # ceiling on every one-second window (what RongCloud counts), not only an average.
-            capacity = max(1.0, self.rate * self._burst_seconds)
-            refill = max(self.rate - capacity + 1.0, self.rate / 2)
+            rate = self.rate * (1 - self._headroom)
+            capacity = max(1.0, rate * self._burst_seconds)
+            refill = max(rate - capacity + 1.0, rate / 2)
             self._limiter = AsyncLimiter(capacity, capacity / refill)
         if self._metrics:
             self._metrics.budget_per_second.set(self.rate)
