@@ -372,6 +372,11 @@ def next_age_check_at(
     return due
 
 
+# An end that leaves a user online only through sessions from before an intake gap (held_open_through_gap): ahead
+# of the gap's own checks, as the answer is worth most right now, while the user's other sessions are over.
+GAP_FOLLOW_UP_RANK: Final = -1
+
+
 def gap_rank(
     *,
     shown_online: bool,
@@ -385,12 +390,22 @@ def gap_rank(
 
     Rank 0: shown online since before the gap began (an offline lost in the gap would leave them a ghost).
     Rank 1: heard of shortly before or during the gap (a lost online or offline would go unnoticed).
+    (The stream adds rank :data:`GAP_FOLLOW_UP_RANK` later: :func:`held_open_through_gap`.)
     """
     if shown_online and online_since_ms is not None and online_since_ms <= gap_start_ms:
         return 0
     if last_event_ms is not None and gap_start_ms - lookback_ms <= last_event_ms <= gap_end_ms:
         return 1
     return None
+
+
+def held_open_through_gap(online_session_times: Iterable[int], gap_end_ms: int) -> bool:
+    """Whether a user still online after one of their sessions ended is kept online only by sessions last heard of
+    before an intake gap ended (``online_session_times``: the newest event of each online session). Such a
+    session's end may be what the gap lost; the moment the user's other sessions end is when an answer can tell
+    (R2 ends sessions only on an ``offline`` answer, and RongCloud answers for the user, not a session)."""
+    newest = max(online_session_times, default=None)
+    return newest is not None and newest <= gap_end_ms
 
 
 def offer_gap_checks(sink: CheckSink, gap_id: str, gap_end_ms: int, ranked: Iterable[tuple[str, int]]) -> int:
