@@ -1078,6 +1078,8 @@ class Processor:
                     gap_start_ms=marker.start,
                     gap_end_ms=marker.end,
                     lookback_ms=lookback_ms,
+                    # Rank 2, users heard of within max_silence: with age checks off, none.
+                    recent_ms=None if self._age is None else self._age.max_silence_ms,
                 ),
             )
 

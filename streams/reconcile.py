@@ -385,17 +385,23 @@ def gap_rank(
     gap_start_ms: int,
     gap_end_ms: int,
     lookback_ms: int,
+    recent_ms: int | None = None,
 ) -> int | None:
     """Whether an intake gap makes a user worth a check, and how urgently (lower first), or None.
 
     Rank 0: shown online since before the gap began (an offline lost in the gap would leave them a ghost).
     Rank 1: heard of shortly before or during the gap (a lost online or offline would go unnoticed).
+    Rank 2: any other user heard of within ``recent_ms`` before the gap began, or since (a user shown offline
+    who came online in the gap is wrong until their next event, which may be hours away; the gap's cap and the
+    ranks above go first). None: ``recent_ms`` None.
     (The stream adds rank :data:`GAP_FOLLOW_UP_RANK` later: :func:`held_open_through_gap`.)
     """
     if shown_online and online_since_ms is not None and online_since_ms <= gap_start_ms:
         return 0
     if last_event_ms is not None and gap_start_ms - lookback_ms <= last_event_ms <= gap_end_ms:
         return 1
+    if recent_ms is not None and last_event_ms is not None and last_event_ms >= gap_start_ms - recent_ms:
+        return 2
     return None
 
 

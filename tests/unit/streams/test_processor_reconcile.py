@@ -134,11 +134,13 @@ def marker(start: int, end: int) -> bytes:
 def test_a_gap_marker_is_set_aside_and_ranks_the_partitions_users() -> None:
     h = Harness()
     gap_start, gap_end = T + 10 * MINUTE_MS, T + 12 * MINUTE_MS
+    h.send("dormant", "e", 0, T - 2 * SILENCE)
+    h.send("dormant", "e", 1, T - 2 * SILENCE + 1000)  # not heard of within max_silence: not worth a check
     h.send("online-before", "a", 0, T)  # rank 0: an offline lost in the gap would leave a ghost
     h.send("active-before", "b", 0, T + 1000)
     h.send("active-before", "b", 1, gap_start - 30_000)  # rank 1: heard of within the lookback
     h.send("quiet", "c", 0, T + 2000)
-    h.send("quiet", "c", 1, T + 3000)  # long before the gap: nothing a lost callback changed
+    h.send("quiet", "c", 1, T + 3000)  # rank 2: heard of within max_silence (an online lost in the gap?)
     h.send("online-during", "d", 0, gap_start + 1000)  # rank 1: heard of during the gap
     out = h.processor.on_raw(0, 99, None, marker(gap_start, gap_end), now_ms=gap_end + 5)
     assert out == [], "a marker sends nothing and changes no record"
@@ -146,7 +148,7 @@ def test_a_gap_marker_is_set_aside_and_ranks_the_partitions_users() -> None:
     assert h.processor.take_gaps() == []
     partition, gap = taken
     ranks = dict(h.processor.gap_candidates(partition, gap, LOOKBACK))
-    assert ranks == {"online-before": 0, "active-before": 1, "quiet": None, "online-during": 1}
+    assert ranks == {"dormant": None, "online-before": 0, "active-before": 1, "quiet": 2, "online-during": 1}
 
 
 def test_gap_checks_go_most_urgent_first_up_to_the_cap_and_need_a_check_after_the_gap() -> None:

@@ -201,6 +201,15 @@ def test_gap_candidates() -> None:
     assert gap_rank(shown_online=False, online_since_ms=None, last_event_ms=T0 - 30_000, **gap) == 1
     assert gap_rank(shown_online=False, online_since_ms=None, last_event_ms=T0 - 2 * MINUTE, **gap) is None
     assert gap_rank(shown_online=False, online_since_ms=None, last_event_ms=None, **gap) is None
+    # Rank 2: anyone else heard of recently (within max_silence): before the gap, or after it.
+    recent = {**gap, "recent_ms": 10 * MINUTE}
+    assert gap_rank(shown_online=False, online_since_ms=None, last_event_ms=T0 - 2 * MINUTE, **recent) == 2
+    assert gap_rank(shown_online=False, online_since_ms=None, last_event_ms=T0 + 3 * MINUTE, **recent) == 2
+    assert (
+        gap_rank(shown_online=False, online_since_ms=None, last_event_ms=T0 - 11 * MINUTE, **recent) is None
+    )
+    assert gap_rank(shown_online=False, online_since_ms=None, last_event_ms=None, **recent) is None
+    assert gap_rank(shown_online=True, online_since_ms=T0 - 1, last_event_ms=T0 - 1, **recent) == 0
 
 
 offers = st.lists(
