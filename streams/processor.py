@@ -54,7 +54,7 @@ from core import contract
 from core.contract import MAX_USERID_LENGTH
 from streams import envelope, rules
 from streams.metrics import WorkerMetrics, platform_label
-from streams.reconcile import GAP_FOLLOW_UP_RANK, AgePolicy, CheckSink, gap_rank, held_open_through_gap
+from streams.reconcile import AgePolicy, CheckSink, gap_rank
 from streams.rules import PresenceConfig, Transition, UserRecord
 
 OutTopic = Literal["transitions", "state", "dlq"]
@@ -459,8 +459,6 @@ class Processor:
         self._age: AgePolicy | None = None
         self._age_index: dict[int, _DueIndex] = {}
         self._gaps: list[tuple[int, contract.GapMarker]] = []
-        # The end of the newest intake gap per partition (epoch ms), for the follow-up checks of _follow_up_gap.
-        self._gap_ends: dict[int, int] = {}
 
     def enable_reconciliation(self, checks: CheckSink, age: AgePolicy | None) -> None:
         """Offer users worth a check to ``checks``: ``age`` ones by ``age`` (None: no age checks)."""
@@ -526,8 +524,6 @@ class Processor:
         if result.outcome == "too_late" and self._checks is not None:
             # R5: too old to judge; RongCloud's answer after the event's receipt settles the user's status.
             self._checks.offer(userid, "suspect", fresh_after=event.received_at)
-        elif event.status != "online" and new is not None and new.status == "online" and not deleted:
-            self._follow_up_gap(partition, userid, new, event.received_at, now_ms)
         self._emit(out, userid, new, result.transitions, result.reemitted,
                    result.publish_state, now_ms, event.received_at, tombstone=deleted)  # fmt: skip
         out.extend(self._sweep_due(partition, max(stream_time, event.time), now_ms, source))
@@ -651,7 +647,6 @@ class Processor:
             self._advanced_at.pop(partition, None)
             self._counts.pop(partition, None)
             self._age_index.pop(partition, None)
-            self._gap_ends.pop(partition, None)
             self._undecided.pop(partition, None)
             self._first.pop(partition, None)
             self._resent.pop(partition, None)
@@ -1028,24 +1023,6 @@ class Processor:
         if self._checks is not None:
             self._ensure_index(partition)  # owned from now on, even if the marker is its first message
             self._gaps.append((partition, marker))
-            self._gap_ends[partition] = max(marker.end, self._gap_ends.get(partition, marker.end))
-
-    def _follow_up_gap(
-        self, partition: int, userid: str, record: UserRecord, received_at: int, now_ms: int
-    ) -> None:
-        """An end left ``userid`` online: if only sessions from before the partition's last intake gap keep them
-        online (:func:`~streams.reconcile.held_open_through_gap`), ask RongCloud now. A gap's own check of a user
-        with another session open answers ``online`` and settles nothing; this one comes when it can. Only within
-        the ended-session retention after the gap (markers are not kept across restarts: age checks remain)."""
-        gap_end = self._gap_ends.get(partition)
-        if (
-            self._checks is None
-            or gap_end is None
-            or now_ms - gap_end > self._config.ended_session_retention_ms
-        ):
-            return
-        if held_open_through_gap((s.time for s in record.sessions.values() if s.status == "online"), gap_end):
-            self._checks.offer(userid, "intake_gap", rank=GAP_FOLLOW_UP_RANK, fresh_after=received_at)
 
     def take_gaps(self) -> list[tuple[int, contract.GapMarker]]:
         """The intake-gap markers read since the last call (with their partitions), for the runtime to scan.

@@ -372,11 +372,6 @@ def next_age_check_at(
     return due
 
 
-# An end that leaves a user online only through sessions from before an intake gap (held_open_through_gap): ahead
-# of the gap's own checks, as the answer is worth most right now, while the user's other sessions are over.
-GAP_FOLLOW_UP_RANK: Final = -1
-
-
 def gap_rank(
     *,
     shown_online: bool,
@@ -394,7 +389,6 @@ def gap_rank(
     Rank 2: any other user heard of within ``recent_ms`` before the gap began, or since (a user shown offline
     who came online in the gap is wrong until their next event, which may be hours away; the gap's cap and the
     ranks above go first). None: ``recent_ms`` None.
-    (The stream adds rank :data:`GAP_FOLLOW_UP_RANK` later: :func:`held_open_through_gap`.)
     """
     if shown_online and online_since_ms is not None and online_since_ms <= gap_start_ms:
         return 0
@@ -403,15 +397,6 @@ def gap_rank(
     if recent_ms is not None and last_event_ms is not None and last_event_ms >= gap_start_ms - recent_ms:
         return 2
     return None
-
-
-def held_open_through_gap(online_session_times: Iterable[int], gap_end_ms: int) -> bool:
-    """Whether a user still online after one of their sessions ended is kept online only by sessions last heard of
-    before an intake gap ended (``online_session_times``: the newest event of each online session). Such a
-    session's end may be what the gap lost; the moment the user's other sessions end is when an answer can tell
-    (R2 ends sessions only on an ``offline`` answer, and RongCloud answers for the user, not a session)."""
-    newest = max(online_session_times, default=None)
-    return newest is not None and newest <= gap_end_ms
 
 
 def offer_gap_checks(sink: CheckSink, gap_id: str, gap_end_ms: int, ranked: Iterable[tuple[str, int]]) -> int:

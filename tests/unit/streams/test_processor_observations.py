@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from core.contract import GapMarker, Observation, ObservationSource, encode_gap_marker, encode_observation
 from streams.metrics import WorkerMetrics
 from streams.processor import Outgoing, Processor, decode_record
-from streams.reconcile import AgePolicy, CheckQueue, GapGroups, Offer, offer_gap_checks
+from streams.reconcile import AgePolicy, CheckQueue, GapGroups, offer_gap_checks
 from streams.rules import MINUTE_MS, PresenceConfig
 from tests.unit.streams.test_processor import TRANSITIONS_SCHEMA, raw, transitions
 from tests.unit.streams.test_processor_reconcile import Recorder
@@ -255,35 +255,3 @@ def test_a_gap_queues_users_online_at_its_start_and_users_heard_of_shortly_befor
     assert all(c is not None and c.fresh_after == gap_end and c.gap == "gw-1:gap" for c in checks)
     assert [c.userid for c in checks if c is not None] == ["online-0", "online-1", "online-2"]
     assert h.sink.queue.pop(gap_end + 1) is None
-
-
-def test_an_end_that_leaves_a_user_online_only_through_sessions_from_before_a_gap_queues_a_check_at_once() -> (
-    None
-):
-    """A gap's own check of a user who has another session open answers ``online`` and cannot end the session
-    whose offline the gap lost (R2 acts on ``offline`` answers only). The moment to ask is when the user's other
-    sessions end: the stream offers the user then, ahead of the gap's queue."""
-    h = Harness()
-    gap_start, gap_end = T + 10 * MINUTE_MS, T + 11 * MINUTE_MS
-    for userid in ("stale", "fresh", "late", "no-gap"):
-        h.partition_of[userid] = 1 if userid == "no-gap" else 0
-    h.send("stale", "a", 0, T)  # its offline lost in the gap
-    h.send("fresh", "a", 0, gap_end + MINUTE_MS)  # opened after the gap: nothing the gap lost keeps it open
-    h.send("late", "a", 0, T)
-    h.send("no-gap", "a", 0, T)
-    marker = encode_gap_marker(GapMarker("gw-1:gap", "gw-1", "unclean_stop", gap_start, gap_end))
-    h.processor.on_raw(0, h._next(0), None, marker, now_ms=gap_end + 5)
-    for userid in ("stale", "fresh", "late", "no-gap"):
-        at = gap_end + (20 * MINUTE_MS if userid == "late" else 2 * MINUTE_MS)
-        h.send(userid, "b", 0, at)
-        h.send(userid, "b", 1, at + 1000)  # b ends: still online through a
-        assert h.status(userid) == "online"
-    # Only "stale": "fresh"'s open session is newer than the gap, "late" ended b after the ended-session
-    # retention (15 minutes) had passed since the gap, and "no-gap"'s partition had no gap.
-    assert h.sink.offers == [("stale", "intake_gap", Offer.QUEUED)]
-    # Ahead of the gap's own checks (rank 0) of users shown online since before it.
-    offer_gap_checks(h.sink, "gw-1:gap", gap_end, [("late", 0)])
-    first = h.sink.queue.pop(gap_end + 3 * MINUTE_MS)
-    assert (
-        first is not None and first.userid == "stale" and first.fresh_after == gap_end + 2 * MINUTE_MS + 1000
-    )
