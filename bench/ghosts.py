@@ -559,7 +559,41 @@ def by_cause(
             entry["max_ghost_s"] = max(entry["max_ghost_s"], seconds)
     for entry in result.values():
         entry["share"] = entry["user_seconds"] * 1000 / speedup / total_ms if total_ms else math.nan
+    # The longest "other" ghosts, with what the product showed and the sessions it was told of around them: a
+    # status held although the product had been told otherwise is the stream's doing, to be looked at.
+    others = sorted((w for w in wrong if w.duration > margin_ms and attribute(w, shown.get(w.userid, []), causes)
+                     == "other"), key=lambda w: -w.duration)[:EXAMPLES]  # fmt: skip
+    result["other"]["examples"] = [_example(w, shown.get(w.userid, []), causes, speedup) for w in others]
     return result
+
+
+# How many of the longest "other" ghosts the result describes.
+EXAMPLES = 5
+# How far before a ghost its example looks (trace seconds).
+_EXAMPLE_BEFORE_S = 600
+
+
+def _example(wrong: Wrong, shown: Sequence[Shown], causes: Causes, speedup: float) -> dict[str, Any]:
+    """One ghost, its times in trace seconds from its start: the changes shown and the user's sessions (truth)
+    from ``_EXAMPLE_BEFORE_S`` before it to its end, each session with when the gateway accepted its online and
+    its end (None: never)."""
+
+    def offset(ms: int | None) -> float | None:
+        return None if ms is None else round((ms - wrong.start) * speedup / 1000, 3)
+
+    since = wrong.start - int(_EXAMPLE_BEFORE_S * 1000 / speedup)
+    return {
+        "userid": wrong.userid,
+        "ghost_online": wrong.ghost_online,
+        "duration_s": round(wrong.duration * speedup / 1000, 3),
+        "shown": [[offset(c.at), c.online, c.reconcile] for c in shown if since <= c.at <= wrong.end],
+        "sessions": [
+            {"start": offset(x.start), "end": offset(x.end), "online_accepted": offset(x.opened.received),
+             "end_accepted": None if x.ended is None else offset(x.ended.received)}
+            for x in causes.sessions.get(wrong.userid, [])
+            if x.start <= wrong.end and (x.end is None or x.end >= since)
+        ],
+    }  # fmt: skip
 
 
 def max_in_window(times: Sequence[float], width: float) -> int:

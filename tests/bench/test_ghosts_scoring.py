@@ -236,6 +236,15 @@ def test_each_wrong_interval_is_attributed_to_what_became_of_the_event_it_needed
     assert by["outage"]["user_seconds"] == pytest.approx(280 + 31) and by["outage"]["ghosts_online"] == 2
     assert by["retried"]["user_seconds"] == pytest.approx(20.5) and by["retried"]["ghosts"] == 0
     assert by["other"]["user_seconds"] == pytest.approx(340)
+    # The stream's own doing is described for a look: what was shown, and the sessions it had been told of.
+    (example,) = by["other"]["examples"]
+    assert (
+        example["userid"] == "stuck"
+        and example["ghost_online"]
+        and example["duration_s"] == pytest.approx(340)
+    )
+    assert example["shown"] == [[-59.5, True, False]]
+    assert [(x["start"], x["end"], x["end_accepted"]) for x in example["sessions"]] == [(-60.0, 0.0, 0.1)]
     assert by["pipeline"]["user_seconds"] == pytest.approx(1 + 1 + 1 + 0.5 + 0.5 + 0.5 + 5.5)
     assert by["pipeline"]["ghosts"] == 0 and by["correction"]["intervals"] == 0
     # Every wrong interval has one cause: the causes add up to the whole.
