@@ -107,7 +107,9 @@ class Trace:
 @dataclass
 class _User:
     userid: str
-    sessions: dict[str, tuple[str, str]] = field(default_factory=dict)  # platform -> (sessionId, clientIp)
+    # platform -> (sessionId, clientIp, time of its online): a session connected "soon" (a second device, a
+    # reconnect) is booked before its online's time comes.
+    sessions: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
 
 @dataclass(order=True)
@@ -135,7 +137,7 @@ class _Generator:
         return f"10.{r.randrange(256)}.{r.randrange(256)}.{r.randrange(1, 255)}:{r.randrange(1024, 65536)}"
 
     def emit(self, user: _User, platform: str, status: str, at: int, *, late: bool = False) -> None:
-        session, ip = user.sessions[platform]
+        session, ip, _ = user.sessions[platform]
         event = {"userid": user.userid, "status": status, "os": platform, "time": at,
                  "clientIp": ip, "sessionId": session}  # fmt: skip
         if late:
@@ -146,7 +148,7 @@ class _Generator:
             self.pending.append(_Pending(at + self.rng.randrange(0, 40), len(self.pending), event))
 
     def connect(self, user: _User, platform: str, at: int) -> None:
-        user.sessions[platform] = (self.session_id(), self.client_ip())
+        user.sessions[platform] = (self.session_id(), self.client_ip(), at)
         self.emit(user, platform, "0", at)
 
     def end(self, user: _User, platform: str, status: str, at: int, *, late: bool = False) -> None:
@@ -171,7 +173,11 @@ class _Generator:
                 self.connect(user, self.pick_platform(user.sessions), at + r.randrange(100, 3000))
                 self.scenarios["second_device"] += 1
             return
-        platform = r.choice(sorted(user.sessions))
+        # Only a session whose online has happened can end: one booked for later is not connected yet.
+        connected = sorted(p for p, (_, _, since) in user.sessions.items() if since <= at)
+        if not connected:
+            return
+        platform = r.choice(connected)
         roll = r.random()
         if roll < 0.30:
             # Network blip: the connection drops and the client reconnects with a new sessionId.
@@ -180,7 +186,7 @@ class _Generator:
             self.scenarios["reconnect"] += 1
         elif roll < 0.46:
             other = self.pick_platform(user.sessions)
-            mobile_online = [p for p in user.sessions if p in MOBILE]
+            mobile_online = [p for p in connected if p in MOBILE]
             if other in MOBILE and mobile_online:
                 # Multi-device kick: the new mobile login reports the other mobile session offline.
                 self.connect(user, other, at)

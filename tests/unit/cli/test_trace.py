@@ -107,3 +107,16 @@ def test_the_header_records_how_the_trace_was_made(tmp_path: Path) -> None:
     trace.write(generate(TraceSpec(seed=3, users=5, events=20)), path)
     header = orjson.loads(path.read_bytes().splitlines()[0])
     assert header["seed"] == 3 and header["users"] == 5 and header["trace"] == 1
+
+
+def test_no_session_ends_before_its_own_online() -> None:
+    """A session booked to connect soon (a second device, a reconnect) is not connected before its online's time:
+    nothing ends it earlier (the ghost benchmark's truth and the product would disagree on such a session)."""
+    generated = generate(dataclasses.replace(SPEC, events=20_000))
+    onlines: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    for delivery in generated.deliveries:
+        for e in delivery.events:
+            times = onlines if e["status"] == "0" else ends
+            times[e["sessionId"]] = min(e["time"], times.get(e["sessionId"], e["time"]))
+    assert ends and all(sid in onlines and onlines[sid] <= at for sid, at in ends.items())
