@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import heapq
+import math
 import random
 import socket
 import time
@@ -149,9 +150,13 @@ class GroundTruth:
     @staticmethod
     def _merge(sessions: dict[str, list[int | None]]) -> list[tuple[int, int | None]]:
         spans = sorted(
-            (start, end)
-            for start, end in sessions.values()
-            if start is not None and (end is None or end > start)
+            (
+                (start, end)
+                for start, end in sessions.values()
+                if start is not None and (end is None or end > start)
+            ),
+            # Two sessions may start in the same millisecond, one still online (end None).
+            key=lambda span: (span[0], math.inf if span[1] is None else span[1]),
         )
         merged: list[tuple[int, int | None]] = []
         for start, end in spans:

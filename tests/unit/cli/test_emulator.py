@@ -36,6 +36,11 @@ def test_truth_is_online_while_any_session_is() -> None:
         False, True, True, False, False, True, True,
     ]  # fmt: skip
     assert not truth.online_at("nobody", 5)
+    # Two sessions starting in the same millisecond, one of them still online.
+    truth.add("v", "phone", "0", 100)
+    truth.add("v", "pc", "0", 100)
+    truth.add("v", "phone", "1", 200)
+    assert truth.intervals("v") == [(100, None)]
 
 
 def test_truth_follows_event_times_not_delivery_order() -> None:
