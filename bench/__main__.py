@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.full and (args.smoke or args.name not in FULL_SIZE):
         parser.error(f"--full applies to {', '.join(FULL_SIZE)} alone, without --smoke")
-    if args.budget_factor != 1.0 and args.name != "ghosts" or args.budget_factor <= 0:
+    if args.budget_factor <= 0 or (args.budget_factor != 1.0 and args.name != "ghosts"):
         parser.error("--budget-factor applies to ghosts alone, and must be above 0")
     extra = {"budget_factor": args.budget_factor} if args.name == "ghosts" else {}
     # SIGTERM unwinds like Ctrl-C, so the broker and every process a benchmark started are stopped.

@@ -544,8 +544,10 @@ def by_cause(
         result[cause] = {"share": 0.0, "user_seconds": 0.0, "ghost_online_user_seconds": 0.0,
                          "ghost_offline_user_seconds": 0.0, "intervals": 0, "ghosts": 0, "ghosts_online": 0,
                          "ghosts_offline": 0, "max_ghost_s": 0.0, "blind_user_seconds": 0.0}  # fmt: skip
+    others: list[Wrong] = []
     for w in wrong:
-        entry = result[attribute(w, shown.get(w.userid, []), causes)]
+        cause = attribute(w, shown.get(w.userid, []), causes)
+        entry = result[cause]
         seconds = w.duration * speedup / 1000
         entry["user_seconds"] += seconds
         if causes.blind is not None:
@@ -557,13 +559,14 @@ def by_cause(
             entry["ghosts"] += 1
             entry["ghosts_online" if w.ghost_online else "ghosts_offline"] += 1
             entry["max_ghost_s"] = max(entry["max_ghost_s"], seconds)
+            if cause == "other":
+                others.append(w)
     for entry in result.values():
         entry["share"] = entry["user_seconds"] * 1000 / speedup / total_ms if total_ms else math.nan
     # The longest "other" ghosts, with what the product showed and the sessions it was told of around them: a
     # status held although the product had been told otherwise is the stream's doing, to be looked at.
-    others = sorted((w for w in wrong if w.duration > margin_ms and attribute(w, shown.get(w.userid, []), causes)
-                     == "other"), key=lambda w: -w.duration)[:EXAMPLES]  # fmt: skip
-    result["other"]["examples"] = [_example(w, shown.get(w.userid, []), causes, speedup) for w in others]
+    longest = sorted(others, key=lambda w: -w.duration)[:EXAMPLES]
+    result["other"]["examples"] = [_example(w, shown.get(w.userid, []), causes, speedup) for w in longest]
     return result
 
 

@@ -178,9 +178,10 @@ class Budget:
     it, so any one-second window sees at most ``rate`` calls (rates of 2 calls/s and more; below that a call or
     so more) and the sustained rate is ``rate − burst + 1``. Of that, ``headroom`` (a share) is left unused:
     RongCloud counts requests as they arrive, and a request leaves a little after its token (the event loop,
-    the connection pool), so requests bunch up; measured, the busiest second held up to 1.1 × the tokens' rate. When RongCloud answers with its rate limit, every call waits: the
-    pause doubles from ``throttle_initial`` up to ``throttle_max`` while the limit keeps answering (or follows
-    ``Retry-After``), and resets after a call goes through.
+    the connection pool), so requests bunch up; measured, the busiest second held up to 1.1 × the tokens' rate.
+    When RongCloud answers with its rate limit, every call waits: the pause doubles from ``throttle_initial`` up
+    to ``throttle_max`` while the limit keeps answering (or follows ``Retry-After``), and resets after a call goes
+    through.
     """
 
     def __init__(
